@@ -1,0 +1,1 @@
+"""Private implementation modules of rbyz: kernels and helpers with no stable API."""

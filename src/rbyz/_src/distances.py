@@ -1,0 +1,66 @@
+"""Accurate pairwise squared Euclidean distances between workers' updates.
+
+``D[i, j] = sum over leaves of ||x_i - x_j||^2``, computed leaf by leaf (the model is never
+ravelled into one vector) as a Gram matrix of *centred* rows:
+``D[i, j] = G[i, i] + G[j, j] - 2 G[i, j]`` with ``G = (X - c)(X - c)^T``.
+
+Why centred: honest gradients are close to each other relative to their norm, and the
+uncentred expansion ``|a|^2 + |b|^2 - 2<a, b>`` then loses about ``log10(|g|^2 / D)`` digits
+(a 2e-2 relative error on realistic gradients, garbage with TF32). Distances do not change under
+translation, so each leaf is centred at its coordinate-wise median, which Byzantine rows cannot
+drag away (the mean could be moved to 1e30 by one of them). The products run at
+``Precision.HIGHEST`` so that GPUs do not silently use TF32.
+
+Why chunked: XLA's CPU dot on a ``[25, 1e6]`` operand is slow (80 ms here); the same product as
+a sum of products over column blocks of ~25k is about twice as fast, and the centring fuses into
+each block.
+
+Hostile rows: a row holding NaN or Inf, or whose centred norm overflows, is at distance ``+inf``
+from every other row (and 0 from itself), so selection rules rank it last.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rbyz._src import order_stats
+from rbyz._src import tree as tree_util
+
+CHUNK_COLUMNS = 25_000
+
+
+def _leaf_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Centred Gram matrix ``[n, n]`` (float32) of one leaf, and its rows' finiteness ``[n]``."""
+    n = x.shape[0]
+    x = x.reshape(n, -1)
+    center = order_stats.median(x, even="lower").astype(jnp.float32)
+    gram = jnp.zeros((n, n), jnp.float32)
+    finite = jnp.ones((n,), bool)
+    for start in range(0, x.shape[1], CHUNK_COLUMNS):
+        block = x[:, start:start + CHUNK_COLUMNS].astype(jnp.float32)
+        block = block - center[start:start + CHUNK_COLUMNS]
+        ok = jnp.isfinite(block)
+        finite = finite & jnp.all(ok, axis=1)
+        block = jnp.where(ok, block, 0.0)
+        gram = gram + jnp.matmul(block, block.T, precision=jax.lax.Precision.HIGHEST)
+    return gram, finite
+
+
+def pairwise_sq_distances(tree) -> jax.Array:
+    """``[n, n]`` float32 squared distances between the workers' whole updates.
+
+    Args:
+      tree: a stacked pytree (every leaf ``[n, ...]``).
+
+    Returns:
+      A symmetric matrix with a zero diagonal; ``+inf`` between a hostile row (non-finite values
+      or an overflowing norm) and any other row.
+    """
+    grams, finites = zip(*(_leaf_gram(leaf) for leaf in tree_util.leaves(tree)))
+    gram = sum(grams)
+    norms = jnp.diagonal(gram)
+    ok = jnp.logical_and(jnp.stack(finites).all(axis=0), jnp.isfinite(norms))
+    dist = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
+    dist = jnp.where(ok[:, None] & ok[None, :], dist, jnp.inf)
+    return jnp.where(jnp.eye(gram.shape[0], dtype=bool), 0.0, dist)

@@ -1,0 +1,133 @@
+"""Coordinate-wise order statistics over the worker axis.
+
+For ``n <= NETWORK_MAX_ROWS`` rows the values are ordered by Batcher's odd-even merge sorting
+network: a static list of compare-exchanges, each one ``jnp.minimum``/``jnp.maximum`` of two
+rows. XLA fuses the whole network into one elementwise loop and drops the comparators that do not
+feed the ranks asked for, so a median costs a few passes over memory instead of a sort
+(``jnp.median`` on ``[25, 1e6]`` float32: 1.6 s on 2 CPU cores; the network: ~15 ms). Beyond
+that size ``lax.sort`` over axis 0 is used.
+
+Non-finite values are Byzantine by assumption: NaN is mapped to ``+inf`` first, so it sorts last
+and is trimmed like the largest value (``jnp.minimum``/``maximum`` would propagate it).
+
+References:
+  Batcher, `Sorting networks and their applications`, AFIPS 1968.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rbyz._src import tree as tree_util
+
+NETWORK_MAX_ROWS = 64
+
+
+@functools.cache
+def batcher_pairs(n: int) -> tuple[tuple[int, int], ...]:
+    """Comparators ``(i, j)``, ``i < j``, of Batcher's odd-even merge sort on ``n`` inputs.
+
+    Built for the next power of two and pruned to the first ``n`` wires, which is still a
+    sorting network (the missing wires act as ``+inf``).
+    """
+    size = 1 << max(n - 1, 0).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        pairs.append((a, b))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def sanitize(x: jax.Array) -> jax.Array:
+    """Maps NaN to ``+inf`` so that it orders after every number."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return jnp.where(jnp.isnan(x), jnp.array(jnp.inf, x.dtype), x)
+
+
+def sorted_rows(x: jax.Array) -> list[jax.Array]:
+    """The ``n`` rows of ``x`` ordered coordinate-wise, ascending, NaN last.
+
+    Args:
+      x: ``[n, ...]``.
+
+    Returns:
+      A list ``s`` of ``n`` arrays of shape ``x.shape[1:]`` with ``s[0] <= s[1] <= ...``
+      coordinate by coordinate. Ranks that the caller does not use cost nothing under jit.
+    """
+    x = sanitize(x)
+    n = x.shape[0]
+    if n > NETWORK_MAX_ROWS:
+        return tree_util.rows(jnp.sort(x, axis=0))
+    wires = tree_util.rows(x)
+    for a, b in batcher_pairs(n):
+        wires[a], wires[b] = jnp.minimum(wires[a], wires[b]), jnp.maximum(wires[a], wires[b])
+    return wires
+
+
+def median(x: jax.Array, even: str = "midpoint") -> jax.Array:
+    """Coordinate-wise median over axis 0, NaN treated as ``+inf``; output dtype = input dtype.
+
+    Args:
+      x: ``[n, ...]``.
+      even: for even ``n``: ``"midpoint"`` (mean of the two middle values, as numpy),
+        ``"lower"`` (as ``torch.median``) or ``"upper"``.
+    """
+    n = x.shape[0]
+    s = sorted_rows(x)
+    lo, hi = (n - 1) // 2, n // 2
+    if lo == hi or even == "lower":
+        return s[lo]
+    if even == "upper":
+        return s[hi]
+    acc = tree_util.accumulation_dtype(x.dtype)
+    return ((s[lo].astype(acc) + s[hi].astype(acc)) / 2).astype(x.dtype)
+
+
+def mean_of_ranks(x: jax.Array, start: int, stop: int) -> jax.Array:
+    """Coordinate-wise mean of the order statistics of ranks ``start, ..., stop - 1``."""
+    s = sorted_rows(x)
+    acc = tree_util.accumulation_dtype(x.dtype)
+    total = tree_util.sum_rows([s[r].astype(acc) for r in range(start, stop)])
+    return (total / (stop - start)).astype(x.dtype)
+
+
+def mean_around_median(x: jax.Array, k: int) -> jax.Array:
+    """Coordinate-wise mean of the ``k`` values closest to the coordinate's median.
+
+    The ``k`` values nearest a point form a run of consecutive order statistics, so the rule
+    compares the runs ``s[a], ..., s[a + k - 1]`` around the median by their largest distance
+    to it and averages the best (the leftmost on ties). Used by MeaMed and by Bulyan's second
+    stage.
+
+    Args:
+      x: ``[n, ...]``.
+      k: how many values to keep, ``1 <= k <= n``.
+    """
+    n = x.shape[0]
+    s = sorted_rows(x)
+    acc = tree_util.accumulation_dtype(x.dtype)
+    lo, hi = (n - 1) // 2, n // 2
+    center = (s[lo].astype(acc) + s[hi].astype(acc)) / 2
+    best_spread = best_sum = None
+    for a in range(max(0, lo - k + 1), min(hi, n - k) + 1):
+        spread = jnp.maximum(center - s[a].astype(acc), s[a + k - 1].astype(acc) - center)
+        window = tree_util.sum_rows([s[r].astype(acc) for r in range(a, a + k)])
+        if best_spread is None:
+            best_spread, best_sum = spread, window
+        else:
+            better = spread < best_spread
+            best_spread = jnp.where(better, spread, best_spread)
+            best_sum = jnp.where(better, window, best_sum)
+    return (best_sum / k).astype(x.dtype)

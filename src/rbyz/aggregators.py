@@ -1,0 +1,1 @@
+"""rbyz.aggregators (under construction)."""

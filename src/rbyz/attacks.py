@@ -1,0 +1,1 @@
+"""rbyz.attacks (under construction)."""

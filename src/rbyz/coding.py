@@ -1,0 +1,1 @@
+"""rbyz.coding (under construction)."""

@@ -1,0 +1,1 @@
+"""rbyz.distributed (under construction)."""

@@ -1,0 +1,1 @@
+"""rbyz.preaggregators (under construction)."""

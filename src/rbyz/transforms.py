@@ -1,0 +1,1 @@
+"""rbyz.transforms (under construction)."""
