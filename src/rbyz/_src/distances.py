@@ -34,7 +34,9 @@ def _leaf_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Centred Gram matrix ``[n, n]`` (float32) of one leaf, and its rows' finiteness ``[n]``."""
     n = x.shape[0]
     x = x.reshape(n, -1)
-    center = order_stats.median(x, even="lower").astype(jnp.float32)
+    center = order_stats.materialized(
+        lambda x: order_stats.median(x, even="lower").astype(jnp.float32), x
+    )
     gram = jnp.zeros((n, n), jnp.float32)
     finite = jnp.ones((n,), bool)
     for start in range(0, x.shape[1], CHUNK_COLUMNS):
