@@ -41,7 +41,7 @@ def _leaf_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     finite = jnp.ones((n,), bool)
     for start in range(0, x.shape[1], CHUNK_COLUMNS):
         block = x[:, start:start + CHUNK_COLUMNS].astype(jnp.float32)
-        block = block - center[start:start + CHUNK_COLUMNS]
+        block = block - center[None, start:start + CHUNK_COLUMNS]
         ok = jnp.isfinite(block)
         finite = finite & jnp.all(ok, axis=1)
         block = jnp.where(ok, block, 0.0)
@@ -63,6 +63,9 @@ def pairwise_sq_distances(tree) -> jax.Array:
     gram = sum(grams)
     norms = jnp.diagonal(gram)
     ok = jnp.logical_and(jnp.stack(finites).all(axis=0), jnp.isfinite(norms))
+    # Symmetrised: the product need not round G[i, j] and G[j, i] alike, and an asymmetry would
+    # let the workers' order break ties in selection rules.
+    gram = (gram + gram.T) / 2
     dist = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
     dist = jnp.where(ok[:, None] & ok[None, :], dist, jnp.inf)
     return jnp.where(jnp.eye(gram.shape[0], dtype=bool), 0.0, dist)
