@@ -1,1 +1,192 @@
-"""rbyz.distributed (under construction)."""
+"""Multi-device helpers: meshes over workers, gathering updates, per-worker gradients.
+
+Collective mode runs one program per shard of a named worker axis (``jax.shard_map``,
+``jax.pmap`` or ``jax.vmap(axis_name=...)``). Each shard holds its own workers' updates; robust
+rules need all of them, so they are gathered over the axis with :func:`gather_workers`, which
+returns a value typed as replicated (invariant) under ``shard_map`` so that the aggregate can
+leave with ``out_specs=P()``.
+
+Warning (the silent psum): inside ``shard_map`` with ``check_vma=True``, ``jax.grad`` with
+respect to *replicated* params returns the gradient already summed over the worker axis (the
+transpose of the implicit cast to varying is a ``psum``). Every "worker gradient" is then the
+same sum and a robust aggregator sees ``n`` identical rows. :func:`local_grad` casts the params
+to varying first so that each shard gets its own gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+P = PartitionSpec
+
+WORKERS = "workers"
+
+
+def _outside_axis_error(axis_name: str, where: str) -> ValueError:
+    return ValueError(
+        f"{where}: collective mode (axis_name={axis_name!r}) must run inside shard_map/pmap/"
+        f"vmap(axis_name={axis_name!r}); for stacked updates (worker axis first) pass "
+        "axis_name=None."
+    )
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes over which ``x`` varies (empty outside ``shard_map``).
+
+    jax >= 0.10 exposes them as ``aval.manual_axis_type.varying``, older versions as
+    ``aval.vma``.
+    """
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def _gather_leaf(x: jax.Array, axis_name: str, tiled: bool) -> jax.Array:
+    if axis_name in varying_axes(x):
+        # shard_map with check_vma: gather to an invariant value so out_specs=P() type-checks.
+        # ``to='invarying'`` is rejected under vmap/pmap, hence the dispatch.
+        return jax.lax.all_gather(x, axis_name, tiled=tiled, to="invarying")
+    return jax.lax.all_gather(x, axis_name, tiled=tiled)
+
+
+def gather_workers(tree, axis_name: str = WORKERS, *, tiled: bool = False):
+    """Stacks every shard's updates over the named axis: ``x -> [n, ...]`` on every shard.
+
+    ``out[i] = x`` of shard ``i``. With ``tiled=True`` each shard holds a stack ``[m, ...]`` of
+    its own ``m`` workers and the stacks are concatenated to ``[n * m, ...]``.
+
+    Args:
+      tree: a pytree of this shard's updates.
+      axis_name: the named worker axis of the enclosing ``shard_map``/``pmap``/``vmap``.
+      tiled: whether each leaf already carries a local worker axis.
+
+    Returns:
+      The stacked pytree, replicated over the axis (typed invariant under ``shard_map``).
+
+    Raises:
+      ValueError: when ``axis_name`` is not bound by an enclosing map.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> g = jax.vmap(lambda x: gather_workers(x, "workers"), axis_name="workers")
+      >>> g(jnp.arange(3.0))[0]
+      Array([0., 1., 2.], dtype=float32)
+    """
+    try:
+        return jax.tree.map(lambda x: _gather_leaf(x, axis_name, tiled), tree)
+    except NameError:
+        raise _outside_axis_error(axis_name, "gather_workers") from None
+
+
+def worker_index(axis_name: str = WORKERS) -> jax.Array:
+    """This shard's index along the named worker axis (``ValueError`` outside such a map)."""
+    try:
+        return jax.lax.axis_index(axis_name)
+    except NameError:
+        raise _outside_axis_error(axis_name, "worker_index") from None
+
+
+def _inside_shard_map(axis_name: str) -> bool:
+    """Whether ``axis_name`` is a manual axis of an enclosing ``shard_map`` (not vmap/pmap)."""
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError:
+        raise _outside_axis_error(axis_name, "local_grad") from None
+    mesh = jax.sharding.get_abstract_mesh()
+    return axis_name in getattr(mesh, "manual_axes", ())
+
+
+def _as_varying(x, axis_name: str):
+    if axis_name in varying_axes(x):
+        return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+
+
+def local_grad(
+    loss_fn: Callable, axis_name: str = WORKERS, *, has_aux: bool = False
+) -> Callable:
+    """``jax.grad(loss_fn)`` that returns this shard's own gradient, never the sum over shards.
+
+    Inside ``shard_map`` (``check_vma=True``) the params are cast to varying over ``axis_name``
+    before differentiation: ``grad_i = d loss_fn(pcast(params), batch_i) / d params``, so that
+    the transpose of the cast does not ``psum`` the workers' gradients. Under ``pmap``,
+    ``vmap(axis_name=...)`` or ``check_vma=False`` it is plain ``jax.grad``.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+      axis_name: the named worker axis.
+      has_aux: as in ``jax.grad``.
+
+    Returns:
+      ``grad_fn(params, *args)`` with the signature of ``jax.grad(loss_fn)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> mesh = worker_mesh(4)
+      >>> loss = lambda w, x: jnp.sum(w * x[0])  # each shard holds x of shape [1, 2]
+      >>> step = jax.shard_map(local_grad(loss), mesh=mesh, in_specs=(P(), P("workers")),
+      ...                      out_specs=P("workers"))
+      >>> batches = shard_workers(jnp.arange(8.0).reshape(4, 2), mesh)
+      >>> step(jnp.ones(2), batches)  # one row per worker, not their sum
+      Array([0., 1., 2., 3., 4., 5., 6., 7.], dtype=float32)
+    """
+    grad_fn = jax.grad(loss_fn, has_aux=has_aux)
+
+    def worker_grad(params, *args):
+        # Under vmap(axis_name)/pmap there is no varying type and no implicit psum to avoid.
+        if _inside_shard_map(axis_name):
+            params = jax.tree.map(lambda p: _as_varying(p, axis_name), params)
+        return grad_fn(params, *args)
+
+    return worker_grad
+
+
+def worker_mesh(num_devices: int | None = None, axis_name: str = WORKERS) -> Mesh:
+    """A one-axis mesh named ``axis_name`` over the first ``num_devices`` devices (default all).
+
+    Example:
+      >>> dict(worker_mesh(4).shape)
+      {'workers': 4}
+    """
+    available = jax.device_count()
+    num_devices = available if num_devices is None else num_devices
+    if not 1 <= num_devices <= available:
+        raise ValueError(
+            f"worker_mesh: needs 1 <= num_devices <= {available} (the devices present); got "
+            f"num_devices={num_devices}. On the CPU, set jax.config.update('jax_num_cpu_devices',"
+            " N) before any JAX operation to simulate more."
+        )
+    return jax.make_mesh((num_devices,), (axis_name,), devices=jax.devices()[:num_devices])
+
+
+def shard_workers(tree, mesh: Mesh, axis_name: str = WORKERS):
+    """Places a stacked pytree with its worker axis (axis 0) split over ``mesh``'s named axis.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = shard_workers(jnp.zeros((8, 3)), worker_mesh(4))
+      >>> x.sharding.spec[0]
+      'workers'
+    """
+    return jax.device_put(tree, NamedSharding(mesh, P(axis_name)))
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a pytree (params, optimizer state) replicated on every device of ``mesh``."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+__all__ = (
+    "gather_workers",
+    "local_grad",
+    "replicate",
+    "shard_workers",
+    "varying_axes",
+    "worker_index",
+    "worker_mesh",
+)

@@ -1,0 +1,210 @@
+"""Collective mode on 8 simulated CPU devices: the same numbers as stacked mode.
+
+Every aggregating transform, and a full training step (per-worker noise, attack, robust rule,
+optimizer), runs (1) stacked under jit, (2) under ``jax.shard_map``, (3) under ``jax.pmap`` and
+(4) under ``jax.vmap(axis_name=...)``, and the results must agree.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import P
+
+from rbyz import distributed, transforms
+
+N = 8
+D = 4
+AXIS = "workers"
+
+pytestmark = pytest.mark.skipif(jax.device_count() < N, reason="needs 8 (simulated) devices")
+
+
+@functools.cache
+def _mesh(size: int = N):
+    return distributed.worker_mesh(size)
+
+
+def _collective(fn, mode: str):
+    """``fn(params, state, per_worker)`` run per worker, params and state replicated."""
+    if mode == "shard_map":
+        mapped = jax.shard_map(fn, mesh=_mesh(), in_specs=(P(), P(), P(AXIS)),
+                               out_specs=(P(), P()))
+        return jax.jit(lambda p, s, x: mapped(p, s, distributed.shard_workers(x, _mesh())))
+    if mode == "pmap":
+        return jax.pmap(fn, axis_name=AXIS, in_axes=(None, None, 0), out_axes=(None, None))
+    if mode == "vmap":
+        return jax.jit(jax.vmap(fn, axis_name=AXIS, in_axes=(None, None, 0), out_axes=(None, None)))
+    raise ValueError(mode)
+
+
+def _squeeze_shard(x):
+    """Under shard_map each shard keeps a leading block axis of size 1; pmap/vmap drop it."""
+    return jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[1:]) if leaf.ndim and
+                        leaf.shape[0] == 1 else leaf, x)
+
+
+def _flip_attack(honest, *, f, key=None):
+    return jax.tree.map(lambda x: jnp.broadcast_to(-3.0 * x.mean(0), (f,) + x.shape[1:]), honest)
+
+
+RULES = {
+    "median": lambda axis: transforms.aggregate("median", f=2, axis_name=axis),
+    "krum": lambda axis: transforms.aggregate("krum", f=2, axis_name=axis),
+    "centered_clipping": lambda axis: transforms.aggregate(
+        "centered_clipping", f=2, tau=0.5, axis_name=axis),
+    "majority_vote": lambda axis: transforms.majority_vote(axis_name=axis),
+    "byzantine+trimmed_mean": lambda axis: optax.chain(
+        transforms.byzantine(_flip_attack, f=2, key=3, axis_name=axis),
+        transforms.aggregate("trimmed_mean", f=2, axis_name=axis)),
+}
+
+MODES = ["shard_map", "pmap", "vmap"]
+
+
+def _updates():
+    rng = np.random.default_rng(0)
+    return {"w": jnp.asarray(rng.normal(size=(N, D)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(N, 2, 3)), jnp.float32)}
+
+
+def _params():
+    return {"w": jnp.zeros(D), "b": jnp.zeros((2, 3))}
+
+
+def _two_steps(tx, update, per_worker):
+    state = tx.init(_params())
+    outs = []
+    for scale in (1.0, 2.0):
+        out, state = update(_params(), state, jax.tree.map(lambda x: scale * x, per_worker))
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rule_collective_equals_stacked(rule):
+    stacked_tx = RULES[rule](None)
+    stacked = _two_steps(stacked_tx, jax.jit(lambda p, s, u: stacked_tx.update(u, s, p)),
+                         _updates())
+    tx = RULES[rule](AXIS)
+
+    def worker(params, state, update):
+        return tx.update(_squeeze_shard(update), state, params)
+
+    for mode in MODES:
+        got = _two_steps(tx, _collective(worker, mode), _updates())
+        for a, b in zip(stacked, got):
+            jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6),
+                         a, b)
+
+
+# A full training step: per-worker gradients, noise, attack, robust rule, optimizer.
+
+
+def _loss(params, batch):
+    batch = batch.reshape(-1, D + 1)  # one worker's batch, with or without a block axis
+    pred = batch[:, :D] @ params["w"] + params["b"]
+    return jnp.mean((pred - batch[:, D]) ** 2)
+
+
+def _chain(axis):
+    return optax.chain(
+        transforms.add_worker_noise(0.05, key=1, axis_name=axis),
+        transforms.byzantine(_flip_attack, f=2, key=2, axis_name=axis),
+        transforms.aggregate("centered_clipping", f=2, tau=1.0, axis_name=axis),
+        optax.clip_by_global_norm(5.0),
+        optax.sgd(0.1, momentum=0.9),
+    )
+
+
+def _batches(steps: int = 3):
+    return jnp.asarray(np.random.default_rng(1).normal(size=(steps, N, 6, D + 1)), jnp.float32)
+
+
+def _train(step, tx):
+    params = {"w": jnp.zeros(D), "b": jnp.zeros(())}
+    state = tx.init(params)
+    for batch in _batches():
+        params, state = step(params, state, batch)
+    return params
+
+
+@functools.cache
+def _stacked_training():
+    tx = _chain(None)
+
+    @jax.jit
+    def step(params, state, batch):
+        grads = jax.vmap(jax.grad(_loss), in_axes=(None, 0))(params, batch)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return _train(step, tx)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_step_collective_equals_stacked(mode):
+    tx = _chain(AXIS)
+
+    def worker(params, state, batch):
+        grads = distributed.local_grad(_loss, AXIS)(params, batch)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    got = _train(_collective(worker, mode), tx)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 _stacked_training(), got)
+
+
+def test_plain_grad_in_shard_map_sums_workers_but_local_grad_does_not():
+    def grads_with(grad_fn):
+        step = jax.shard_map(lambda p, x: grad_fn(_loss)(p, x)["w"][None], mesh=_mesh(),
+                             in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+        params = {"w": jnp.ones(D), "b": jnp.zeros(())}
+        return np.asarray(step(params, distributed.shard_workers(_batches()[0], _mesh())))
+
+    expected = np.stack([np.asarray(jax.grad(_loss)({"w": jnp.ones(D), "b": jnp.zeros(())},
+                                                     row)["w"]) for row in _batches()[0]])
+    np.testing.assert_allclose(grads_with(lambda fn: distributed.local_grad(fn, AXIS)), expected,
+                               rtol=1e-5)
+    summed = grads_with(jax.grad)
+    np.testing.assert_allclose(summed, np.broadcast_to(expected.sum(0), expected.shape),
+                               rtol=1e-5)
+
+
+def test_tiled_shards_hold_several_workers():
+    mesh = _mesh(4)
+    tx = transforms.aggregate("median", f=2, axis_name=AXIS, tiled=True)
+    stacked_tx = transforms.aggregate("median", f=2)
+    updates = _updates()["w"]
+    expected, _ = stacked_tx.update(updates, stacked_tx.init(jnp.zeros(D)))
+    step = jax.jit(jax.shard_map(lambda s, u: tx.update(u, s), mesh=mesh,
+                                 in_specs=(P(), P(AXIS)), out_specs=(P(), P())))
+    got, _ = step(tx.init(jnp.zeros(D)), distributed.shard_workers(updates, mesh))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_worker_noise_identical_in_both_modes():
+    stacked_tx = transforms.add_worker_noise(1.0, key=5)
+    expected, _ = stacked_tx.update(_updates()["w"], stacked_tx.init(jnp.zeros(D)))
+    tx = transforms.add_worker_noise(1.0, key=5, axis_name=AXIS)
+    got = jax.vmap(lambda u: tx.update(u, tx.init(jnp.zeros(D)))[0], axis_name=AXIS)(
+        _updates()["w"])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_gather_outside_named_axis_says_which_mode():
+    with pytest.raises(ValueError, match="axis_name=None"):
+        distributed.gather_workers(jnp.zeros(3), AXIS)
+    with pytest.raises(ValueError, match="local_grad: collective mode"):
+        jax.jit(distributed.local_grad(_loss, AXIS))(_params(), jnp.zeros((2, D + 1)))
+
+
+def test_worker_mesh_rejects_too_many_devices():
+    with pytest.raises(ValueError, match="num_devices"):
+        distributed.worker_mesh(jax.device_count() + 1)
