@@ -72,20 +72,6 @@ def _prepare(honest, f, rule: str) -> tuple[int, int]:
     return h, checks.static_int(f, rule, "f", minimum=0)
 
 
-def _as_key(key, rule: str) -> jax.Array:
-    """A typed JAX key from an int seed, a typed key or a raw ``uint32[2]`` key."""
-    checks.require(
-        key is not None, rule, "is random and needs a key; got key=None. Pass key=0 (a seed) "
-        "or key=jax.random.key(0)."
-    )
-    if isinstance(key, int) or (jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key),
-                                                                        jnp.integer)):
-        return jax.random.key(key)
-    if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
-
-
 def _empty(honest):
     """The ``[0, ...]`` stack returned when there are no Byzantine workers."""
     return jax.tree.map(lambda x: x[:0], honest)
@@ -417,7 +403,7 @@ def gaussian(honest, *, f: int, key=None, mean: float = 0.0, std: float = 200.0)
       Tolerant Gradient Descent`, NeurIPS 2017.
     """
     _, f = _prepare(honest, f, "gaussian")
-    key = _as_key(key, "gaussian")
+    key = checks.as_key(key, "gaussian")
     flat, treedef = jax.tree.flatten(honest)
     keys = jax.random.split(key, len(flat))
     drawn = [
@@ -739,7 +725,7 @@ def bit_flip(honest, *, f: int, key=None, bits: int = 1, per: str = "row",
         for lo, hi in ranges:
             checks.require(bits <= hi - lo, "bit_flip",
                            f"needs bits <= the bits in bit_range; got bits={bits}, {hi - lo}.")
-    key = _as_key(key, "bit_flip")
+    key = checks.as_key(key, "bit_flip")
     if f == 0:
         return jax.tree.unflatten(treedef, flat)
     row_keys = jax.random.split(key, f)
@@ -1001,7 +987,7 @@ def sign_random(honest, *, f: int, key=None):
       Sohn, Han, Choi, Moon, `Election Coding for Distributed Learning`, NeurIPS 2020.
     """
     _, f = _prepare(honest, f, "sign_random")
-    key = _as_key(key, "sign_random")
+    key = checks.as_key(key, "sign_random")
     flat, treedef = jax.tree.flatten(honest)
     keys = jax.random.split(key, len(flat))
     drawn = [
@@ -1113,7 +1099,7 @@ def inject(honest, attack: Callable | str, *, f: int, key=None, positions="rando
                    "step redraws the positions) or fixed positions.")
     position_key = attack_key = None
     if key is not None:
-        position_key, attack_key = jax.random.split(_as_key(key, "inject"))
+        position_key, attack_key = jax.random.split(checks.as_key(key, "inject"))
     byzantine = _byzantine_indices(n, f, positions, position_key)
     mask = jnp.zeros((n,), bool).at[byzantine].set(True)
     if f == 0:

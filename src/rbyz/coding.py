@@ -314,7 +314,8 @@ def hierarchical(inner: Callable, outer: Callable, *, buckets: int) -> Stage2:
             f"needs buckets <= rows; got buckets={buckets}, rows={n}. Use fewer buckets.",
         )
         if key is not None:
-            updates = tree_util.take_rows(updates, jax.random.permutation(_as_key(key), n))
+            order = jax.random.permutation(checks.as_key(key, "hierarchical"), n)
+            updates = tree_util.take_rows(updates, order)
         results = [
             inner(jax.tree.map(lambda x, idx=idx: x[idx[0]:idx[-1] + 1], updates), f=f)
             for idx in np.array_split(np.arange(n), buckets)
@@ -450,13 +451,6 @@ def detox(updates, *, f: int, r: int, stage2: str | Stage2 = "median_of_means",
 # Election Coding (sign domain).
 
 
-def _as_key(key) -> jax.Array:
-    """An int seed becomes ``jax.random.key(seed)``; keys pass through."""
-    if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
-    return key
-
-
 def _check_code(G, rule: str, *, partitions: int | None = None) -> np.ndarray:
     """``G`` as a concrete ``int32`` ``[n, k]`` 0/1 matrix with no empty row, or ``ValueError``."""
     try:
@@ -540,7 +534,7 @@ def bernoulli_code(n: int, r: float, *, key, partitions: int | None = None,
                                                         "partitions", minimum=1)
     checks.require(0 < r <= n, "bernoulli_code",
                    f"needs 0 < r <= n (p = r/n is a probability); got n={n}, r={r}.")
-    key = _as_key(key)
+    key = checks.as_key(key, "bernoulli_code")
     for _ in range(max_draws):
         key, draw = jax.random.split(key)
         G = np.asarray(jax.random.bernoulli(draw, r / n, (n, k)), dtype=np.int32)
@@ -840,7 +834,8 @@ def vote_failures(G, b: int, *, method: str = "auto", samples: int = 1 << 16, ke
         exact = True
     else:
         samples = checks.static_int(samples, "vote_failures", "samples", minimum=1)
-        failures, trials = _sampled_failures(jnp.asarray(G, jnp.float32), _as_key(key), b=b,
+        failures, trials = _sampled_failures(jnp.asarray(G, jnp.float32),
+                                             checks.as_key(key, "vote_failures"), b=b,
                                              samples=samples)
         exact = False
     failures, trials = int(failures), int(trials)
@@ -921,7 +916,8 @@ def detox_vote_failures(n: int, r: int, f: int, *, method: str = "exact",
         expected = sum(t * w for t, w in enumerate(ways)) / total
         return GroupVoteFailures(worst, expected, 1.0 - ways[0] / total, True)
     samples = checks.static_int(samples, "detox_vote_failures", "samples", minimum=1)
-    bad, any_bad = _sampled_bad_groups(_as_key(key), n=n, r=r, f=f, samples=samples)
+    bad, any_bad = _sampled_bad_groups(checks.as_key(key, "detox_vote_failures"), n=n, r=r, f=f,
+                                       samples=samples)
     return GroupVoteFailures(worst, int(bad) / samples, int(any_bad) / samples, False)
 
 

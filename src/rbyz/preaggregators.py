@@ -42,23 +42,6 @@ def _per_row(vector: jax.Array, ndim: int) -> jax.Array:
     return vector.reshape(vector.shape[:1] + (1,) * (ndim - 1))
 
 
-def _as_key(key, rule: str) -> jax.Array:
-    """A JAX PRNG key from a key or an integer seed; ``ValueError`` naming ``rule`` if missing."""
-    checks.require(
-        key is not None,
-        rule,
-        "needs an explicit random key; got key=None. Pass key=0 (an int seed) or "
-        "key=jax.random.key(0).",
-    )
-    if isinstance(key, int):
-        return jax.random.key(key)
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        if jnp.ndim(key) == 0 and jnp.issubdtype(dtype, jnp.integer):
-            return jax.random.key(key)  # a (possibly traced) integer seed
-    return key
-
-
 def _clip_rows(updates, threshold: jax.Array):
     """Scales each row whose whole-update norm exceeds ``threshold`` down to that norm.
 
@@ -269,7 +252,7 @@ def bucketing(updates, *, key=None, s: int = 2):
     """
     n = tree_util.num_workers(updates, "bucketing")
     s = checks.static_int(s, "bucketing", "s", minimum=1)
-    key = _as_key(key, "bucketing")
+    key = checks.as_key(key, "bucketing")
     num_buckets = -(-n // s)
     # Slot r of bucket b holds permuted row b*s + r; index n (out of range) marks an empty slot.
     slots = jnp.concatenate([
@@ -353,7 +336,7 @@ def compose(*stages: Callable) -> Callable[..., Any]:
     def aggregate(updates, *, key=None):
         keys = iter(())
         if num_keyed:
-            keys = iter(jax.random.split(_as_key(key, "compose"), num_keyed))
+            keys = iter(jax.random.split(checks.as_key(key, "compose"), num_keyed))
         for stage, takes_key in zip(stages, keyed):
             updates = stage(updates, key=next(keys)) if takes_key else stage(updates)
         return updates

@@ -51,20 +51,9 @@ Rule = Callable[..., Any]
 # Shared pieces: keys, rules, modes.
 
 
-def _key_data(key, where: str) -> jax.Array:
-    """Normalises an int seed, a typed key or raw key data to raw ``uint32`` key data."""
-    if key is None:
-        raise ValueError(f"{where}: needs a random key; pass key=0 (an int seed) or a jax key.")
-    if isinstance(key, (int, np.integer)):
-        return jax.random.key_data(jax.random.key(int(key)))
-    key = jnp.asarray(key)
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    if key.dtype != jnp.uint32:
-        raise ValueError(
-            f"{where}: key must be an int seed or a jax key; got an array of dtype {key.dtype}."
-        )
-    return key
+def _key_data(key, rule: str) -> jax.Array:
+    """Raw ``uint32`` key data (what optax states can hold) from any key form ``as_key`` takes."""
+    return jax.random.key_data(checks.as_key(key, rule))
 
 
 def _split(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:

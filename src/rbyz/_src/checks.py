@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import operator
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 
 def require(condition: bool, rule: str, message: str) -> None:
     """Raises ``ValueError("<rule>: <message>")`` unless ``condition`` holds.
@@ -56,3 +60,39 @@ def byzantine_count(f, n: int, rule: str, bound: str, holds) -> int:
         f"needs {bound}; got n={n}, f={f}. Use more workers or assume fewer Byzantine ones.",
     )
     return f
+
+
+def as_key(key, rule: str) -> jax.Array:
+    """A typed JAX PRNG key from any accepted form, or a ``ValueError`` naming ``rule``.
+
+    Accepted: a Python or NumPy int seed, a traced integer scalar (a seed inside jit), a typed key
+    (``jax.random.key``) or raw ``uint32`` key data (``jax.random.PRNGKey``, or state stored by a
+    transform).
+
+    Example:
+      >>> import jax
+      >>> from rbyz._src import checks
+      >>> jax.random.key_data(checks.as_key(0, "demo")).tolist() == (
+      ...     jax.random.key_data(jax.random.key(0)).tolist())
+      True
+    """
+    require(
+        key is not None,
+        rule,
+        "needs a random key; got key=None. Pass key=0 (an int seed) or key=jax.random.key(0), "
+        "and a fresh one each step.",
+    )
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    dtype = jnp.result_type(key)
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if jnp.ndim(key) == 0 and jnp.issubdtype(dtype, jnp.integer):
+        return jax.random.key(key)
+    require(
+        dtype == jnp.uint32 and jnp.ndim(key) >= 1,
+        rule,
+        f"key must be an int seed or a jax key; got an array of dtype {dtype} and shape "
+        f"{jnp.shape(key)}. Pass key=jax.random.key(0).",
+    )
+    return jax.random.wrap_key_data(key)
