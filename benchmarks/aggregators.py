@@ -1,11 +1,12 @@
 """Speed of rbyz's aggregators and pre-aggregators beside naive JAX code and ByzFL (torch).
 
 For every worker count n and dimension d, on float32 updates ``[n, d]`` with ``f = n // 5``, the
-script times (median over ``--repeats`` calls after a warm-up, ``block_until_ready``) every rule
-of ``rbyz.aggregators.names()``, the pre-aggregators, and the compositions nnm+krum and
-bucketing+median; and in the same process the memory floor (``rbyz`` mean), a naive JAX
-formulation of each rule (``jnp.median``/``jnp.sort``, distances by ``vmap`` of differences,
-``jnp.sum(axis=0)`` reductions) and ByzFL's implementation when it can be imported.
+script times every rule of ``rbyz.aggregators.names()``, the pre-aggregators, and the
+compositions nnm+krum and bucketing+median; and in the same process the memory floor (``rbyz``
+mean), a naive JAX formulation of each rule (``jnp.median``/``jnp.sort``, distances by ``vmap``
+of differences, ``jnp.sum(axis=0)`` reductions) and ByzFL's implementation when it can be
+imported. Each time is the median over ``--repeats`` rounds after a warm-up; each round times the
+rule and its baselines once (``block_until_ready``), so that they share the machine's noise.
 
 Usage::
 
@@ -60,29 +61,29 @@ class Row:
 # ----------------------------------------------------------------------------- timing
 
 
-def time_call(fn: Callable, *args, repeats: int) -> tuple[float, str]:
-    """Median seconds per call after one warm-up call; a slow call is timed only once."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-        if times[-1] > SLOW_CALL_S:
-            return times[-1], "1 call"
-    return statistics.median(times), ""
+def time_together(calls: dict[str, Callable], *, repeats: int) -> dict[str, tuple[float, str]]:
+    """Median seconds per call of each zero-argument call, timed in interleaved rounds.
 
-
-def time_torch(fn: Callable, x, *, repeats: int) -> float:
-    fn(x)
-    times = []
-    for _ in range(repeats):
+    After one warm-up call each (compilation), every round times each call once, so that the
+    contenders sample the same moments of a noisy machine and their ratio is stable; a call
+    slower than ``SLOW_CALL_S`` is timed once and left out of the rounds.
+    """
+    def once(call):
         start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-        if times[-1] > SLOW_CALL_S:
-            break
-    return statistics.median(times)
+        jax.block_until_ready(call())
+        return time.perf_counter() - start
+
+    times = {}
+    for name, call in calls.items():
+        once(call)
+        times[name] = [once(call)]
+    slow = {name for name, t in times.items() if t[0] > SLOW_CALL_S}
+    for _ in range(repeats - 1):
+        for name, call in calls.items():
+            if name not in slow:
+                times[name].append(once(call))
+    return {name: (statistics.median(t), "1 call" if name in slow else "")
+            for name, t in times.items()}
 
 
 # ----------------------------------------------------------------------------- naive JAX
@@ -291,19 +292,26 @@ def bench_size(n, d, f, *, repeats, byzfl, estimates, extra_bulyan_f=None) -> li
         rules["bulyan (f=%d)" % extra_bulyan_f] = (
             jax.jit(functools.partial(agg.bulyan, f=extra_bulyan_f)), extra_bulyan_f)
     for name, (fn, f_rule) in rules.items():
-        seconds, note = time_call(fn, x, repeats=repeats)
-        row = Row(n, d, f_rule, name, seconds, note=note)
         base = name.split(" ")[0]
+        calls = {"rbyz": functools.partial(fn, x)}
         naive = naive_rules(f_rule).get(base)
         estimate = estimates.get((n, base))
-        if naive is not None and estimate is not None and estimate * d > SKIP_ESTIMATE_S:
+        skipped = naive is not None and estimate is not None and estimate * d > SKIP_ESTIMATE_S
+        if naive is not None and not skipped:
+            calls["naive"] = functools.partial(jax.jit(naive), x)
+        if byzfl is not None and base in byzfl_rules(byzfl, f_rule):
+            calls["byzfl"] = functools.partial(byzfl_rules(byzfl, f_rule)[base], x_torch)
+        timed = time_together(calls, repeats=repeats)
+        seconds, note = timed["rbyz"]
+        row = Row(n, d, f_rule, name, seconds, note=note)
+        if skipped:
             row.note = _join(row.note, f"naive skipped (est. {estimate * d:.0f} s)")
-        elif naive is not None:
-            row.naive, naive_note = time_call(jax.jit(naive), x, repeats=repeats)
+        if "naive" in timed:
+            row.naive, naive_note = timed["naive"]
             estimates[(n, base)] = row.naive / d
             row.note = _join(row.note, naive_note and f"naive {naive_note}")
-        if byzfl is not None and base in byzfl_rules(byzfl, f_rule):
-            row.byzfl = time_torch(byzfl_rules(byzfl, f_rule)[base], x_torch, repeats=repeats)
+        if "byzfl" in timed:
+            row.byzfl = timed["byzfl"][0]
         out.append(row)
         print(f"  n={n} d={d:.0e} {name:<20} {seconds * 1e3:9.2f} ms", flush=True)
     return out

@@ -103,6 +103,100 @@ def test_rule_collective_equals_stacked(rule):
                          a, b)
 
 
+# The coordinate-sharded layout: all_to_all, aggregate a slice, all_gather.
+
+COORDINATE_RULES = {
+    "mean": lambda axis, layout: transforms.aggregate("mean", axis_name=axis, layout=layout),
+    "median": lambda axis, layout: transforms.aggregate("median", f=2, axis_name=axis,
+                                                        layout=layout),
+    "trimmed_mean": lambda axis, layout: transforms.aggregate("trimmed_mean", f=2,
+                                                              axis_name=axis, layout=layout),
+    "meamed": lambda axis, layout: transforms.aggregate("meamed", f=2, axis_name=axis,
+                                                        layout=layout),
+    "majority_vote": lambda axis, layout: transforms.majority_vote(axis_name=axis, layout=layout),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(COORDINATE_RULES))
+def test_coordinate_layout_equals_stacked(rule):
+    # Leaves of 4 and 6 coordinates over 8 shards: every slice is padded.
+    stacked_tx = COORDINATE_RULES[rule](None, "gather")
+    stacked = _two_steps(stacked_tx, jax.jit(lambda p, s, u: stacked_tx.update(u, s, p)),
+                         _updates())
+    tx = COORDINATE_RULES[rule](AXIS, "coordinates")
+
+    def worker(params, state, update):
+        return tx.update(_squeeze_shard(update), state, params)
+
+    for mode in MODES:
+        got = _two_steps(tx, _collective(worker, mode), _updates())
+        for a, b in zip(stacked, got):
+            jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_coordinate_layout_with_tiled_shards_and_a_large_leaf():
+    mesh = _mesh(4)  # 2 workers per shard
+    updates = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(N, 1001)), jnp.float32),
+               "b": jnp.asarray(np.random.default_rng(3).normal(size=(N, 3)), jnp.float32)}
+    stacked_tx = transforms.aggregate("trimmed_mean", f=2)
+    expected, _ = stacked_tx.update(updates, stacked_tx.init(None))
+    tx = transforms.aggregate("trimmed_mean", f=2, axis_name=AXIS, tiled=True,
+                              layout="coordinates")
+    step = jax.jit(jax.shard_map(lambda s, u: tx.update(u, s), mesh=mesh,
+                                 in_specs=(P(), P(AXIS)), out_specs=(P(), P())))
+    sharded = distributed.shard_workers(updates, mesh)
+    got, _ = step(tx.init(None), sharded)
+    jax.tree.map(np.testing.assert_array_equal, expected, got)
+    hlo = step.lower(tx.init(None), sharded).compile().as_text()
+    assert "all-to-all" in hlo and "all-gather" in hlo
+
+
+def test_scatter_then_gather_coordinates_round_trips():
+    x = jnp.arange(N * 5 * 3.0).reshape(N, 5, 3)
+
+    def round_trip(row):
+        parts = distributed.scatter_coordinates(row, AXIS)
+        return parts, distributed.gather_coordinates(parts[3], row, AXIS)  # worker 3, joined
+
+    parts, rows = jax.vmap(round_trip, axis_name=AXIS)(x)
+    width = -(-15 // N)  # 2 coordinates per shard, one of padding on the last
+    assert parts.shape == (N, N, width)
+    flat = np.pad(np.asarray(x).reshape(N, 15), ((0, 0), (0, N * width - 15)))
+    for shard in range(N):
+        np.testing.assert_array_equal(parts[shard], flat[:, shard * width:(shard + 1) * width])
+    for shard in range(N):
+        np.testing.assert_array_equal(rows[shard], x[3])
+
+
+def test_custom_coordinatewise_rule_may_use_the_coordinate_layout():
+    def upper_half_mean(updates, *, f=0):
+        return jax.tree.map(lambda x: jnp.sort(x, axis=0)[x.shape[0] // 2:].mean(0), updates)
+
+    with pytest.raises(ValueError, match="needs whole updates"):
+        transforms.aggregate(upper_half_mean, axis_name=AXIS, layout="coordinates")
+    upper_half_mean.coordinatewise = True
+    tx = transforms.aggregate(upper_half_mean, axis_name=AXIS, layout="coordinates")
+    got = jax.vmap(lambda u: tx.update(u, tx.init(None))[0], axis_name=AXIS)(_updates())
+    expected = upper_half_mean(_updates())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-6), got, expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: transforms.aggregate("krum", f=1, axis_name=AXIS, layout="coordinates"),
+         r"aggregate: layout='coordinates' needs a coordinate-wise rule .* krum needs whole"),
+        (lambda: transforms.aggregate("median", layout="coordinates"),
+         r"aggregate: layout='coordinates' splits the coordinates .* pass axis_name="),
+        (lambda: transforms.aggregate("median", axis_name=AXIS, layout="rows"),
+         r"aggregate: unknown layout 'rows'"),
+    ],
+)
+def test_coordinate_layout_misuse_is_a_clear_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 # A full training step: per-worker gradients, noise, attack, robust rule, optimizer.
 
 

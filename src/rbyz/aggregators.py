@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -44,6 +45,7 @@ __all__ = (
     "centered_clipping",
     "geometric_median",
     "get",
+    "is_coordinatewise",
     "krum",
     "mean",
     "meamed",
@@ -700,3 +702,25 @@ def names() -> tuple[str, ...]:
       ('bulyan', 'centered_clipping', 'geometric_median')
     """
     return _REGISTRY.names()
+
+
+COORDINATEWISE = ("mean", "median", "trimmed_mean", "meamed", "sign_majority")
+
+
+def is_coordinatewise(rule: Callable) -> bool:
+    """Whether coordinate ``k`` of ``rule``'s output depends only on coordinate ``k`` of the inputs.
+
+    Such a rule can aggregate any slice of the coordinates on its own, which is what
+    ``rbyz.transforms.aggregate(..., layout="coordinates")`` does on each device. True for the
+    built-in :data:`COORDINATEWISE` rules (and ``functools.partial`` of them), and for a rule of
+    your own that declares it with a ``coordinatewise = True`` attribute.
+
+    Example:
+      >>> is_coordinatewise(median), is_coordinatewise(krum)
+      (True, False)
+    """
+    while isinstance(rule, functools.partial):
+        rule = rule.func
+    if getattr(rule, "coordinatewise", False) is True:
+        return True
+    return any(rule is get(name) for name in COORDINATEWISE)

@@ -6,6 +6,13 @@ rules need all of them, so they are gathered over the axis with :func:`gather_wo
 returns a value typed as replicated (invariant) under ``shard_map`` so that the aggregate can
 leave with ``out_specs=P()``.
 
+Coordinate-wise rules (mean, median, trimmed mean, MeaMed, sign majority) need all workers' values
+only coordinate by coordinate, so the work can be split instead of repeated:
+:func:`scatter_coordinates` (one ``all_to_all``) gives each of the ``S`` shards every worker's
+values on its ``1/S`` of the coordinates, the rule runs on that slice, and
+:func:`gather_coordinates` (one ``all_gather``) reassembles the aggregate on every shard. Each
+shard then aggregates ``n d / S`` values instead of ``n d``.
+
 Warning (the silent psum): inside ``shard_map`` with ``check_vma=True``, ``jax.grad`` with
 respect to *replicated* params returns the gradient already summed over the worker axis (the
 transpose of the implicit cast to varying is a ``psum``). Every "worker gradient" is then the
@@ -15,9 +22,11 @@ to varying first so that each shard gets its own gradient.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 P = PartitionSpec
@@ -91,12 +100,16 @@ def worker_index(axis_name: str = WORKERS) -> jax.Array:
         raise _outside_axis_error(axis_name, "worker_index") from None
 
 
-def _inside_shard_map(axis_name: str) -> bool:
-    """Whether ``axis_name`` is a manual axis of an enclosing ``shard_map`` (not vmap/pmap)."""
+def _axis_size(axis_name: str, where: str) -> int:
     try:
-        jax.lax.axis_size(axis_name)
+        return jax.lax.axis_size(axis_name)
     except NameError:
-        raise _outside_axis_error(axis_name, "local_grad") from None
+        raise _outside_axis_error(axis_name, where) from None
+
+
+def _inside_shard_map(axis_name: str, where: str) -> bool:
+    """Whether ``axis_name`` is a manual axis of an enclosing ``shard_map`` (not vmap/pmap)."""
+    _axis_size(axis_name, where)
     mesh = jax.sharding.get_abstract_mesh()
     return axis_name in getattr(mesh, "manual_axes", ())
 
@@ -139,11 +152,89 @@ def local_grad(
 
     def worker_grad(params, *args):
         # Under vmap(axis_name)/pmap there is no varying type and no implicit psum to avoid.
-        if _inside_shard_map(axis_name):
+        if _inside_shard_map(axis_name, "local_grad"):
             params = jax.tree.map(lambda p: _as_varying(p, axis_name), params)
         return grad_fn(params, *args)
 
     return worker_grad
+
+
+def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False):
+    """Every worker's values on this shard's share of the coordinates (one ``all_to_all``).
+
+    Each leaf is flattened to ``D`` coordinates and zero-padded to ``S c`` with ``S`` the axis
+    size and ``c = ceil(D / S)``; shard ``j`` receives coordinates ``[j c, (j + 1) c)`` of every
+    worker: ``out[i] = x_i[j c : (j + 1) c]``, an ``[n, c]`` stack in the order of
+    :func:`gather_workers` (``n = S``, or ``S m`` with ``tiled=True`` and ``m`` workers per
+    shard). A coordinate-wise rule applied to it gives this shard's slice of the aggregate;
+    :func:`gather_coordinates` joins the slices.
+
+    Args:
+      tree: a pytree of this shard's update (``tiled=True``: a stack ``[m, ...]`` of its workers).
+      axis_name: the named worker axis of the enclosing ``shard_map``/``pmap``/``vmap``.
+      tiled: whether each leaf already carries a local worker axis.
+
+    Returns:
+      A pytree of ``[n, c]`` slices, one per leaf (varying over the axis).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> scatter = jax.vmap(lambda x: scatter_coordinates(x, "workers"), axis_name="workers")
+      >>> scatter(jnp.arange(6.0).reshape(2, 3))  # 2 workers, 3 coordinates, c = 2
+      Array([[[0., 1.],
+              [3., 4.]],
+      <BLANKLINE>
+             [[2., 0.],
+              [5., 0.]]], dtype=float32)
+    """
+    shards = _axis_size(axis_name, "scatter_coordinates")
+    in_shard_map = _inside_shard_map(axis_name, "scatter_coordinates")
+
+    def scatter(leaf):
+        rows = leaf.reshape(leaf.shape[0] if tiled else 1, -1)
+        size = rows.shape[1]
+        width = -(-size // shards)
+        rows = jnp.pad(rows, ((0, 0), (0, shards * width - size)))
+        blocks = rows.reshape(rows.shape[0], shards, width).swapaxes(0, 1)  # [S, m, c]
+        if in_shard_map:
+            blocks = _as_varying(blocks, axis_name)
+        # Block j goes to shard j; the blocks received are stacked in shard order.
+        received = jax.lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)
+        return received.reshape(-1, width)
+
+    return jax.tree.map(scatter, tree)
+
+
+def gather_coordinates(slices, like, axis_name: str = WORKERS):
+    """Joins every shard's slice of an aggregate into the whole, on every shard (one
+    ``all_gather``); the inverse of :func:`scatter_coordinates` for one aggregated row.
+
+    Args:
+      slices: a pytree of this shard's ``[c]`` slices (an aggregate of
+        :func:`scatter_coordinates`'s output).
+      like: a pytree with the aggregate's leaf shapes (arrays or ``jax.ShapeDtypeStruct``),
+        e.g. one worker's update.
+      axis_name: the named worker axis.
+
+    Returns:
+      A pytree shaped like ``like`` (dtypes of ``slices``), replicated over the axis (typed
+      invariant under ``shard_map``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> def column_max(x):
+      ...     part = scatter_coordinates(x, "workers").max(axis=0)
+      ...     return gather_coordinates(part, x, "workers")
+      >>> jax.vmap(column_max, axis_name="workers")(jnp.array([[1.0, 5, 3], [4, 2, 6]]))[0]
+      Array([4., 5., 6.], dtype=float32)
+    """
+    _axis_size(axis_name, "gather_coordinates")
+
+    def gather(part, template):
+        whole = _gather_leaf(part, axis_name, tiled=True)
+        return whole[: math.prod(template.shape)].reshape(template.shape)
+
+    return jax.tree.map(gather, slices, like)
 
 
 def worker_mesh(num_devices: int | None = None, axis_name: str = WORKERS) -> Mesh:
@@ -182,9 +273,11 @@ def replicate(tree, mesh: Mesh):
 
 
 __all__ = (
+    "gather_coordinates",
     "gather_workers",
     "local_grad",
     "replicate",
+    "scatter_coordinates",
     "shard_workers",
     "varying_axes",
     "worker_index",

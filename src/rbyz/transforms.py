@@ -15,7 +15,8 @@ Two modes, the same numbers:
 - **collective** (``axis_name="workers"``): the transform runs on each shard of a named axis
   (``jax.shard_map``, ``jax.pmap`` or ``jax.vmap(axis_name=...)``), each shard holding its own
   worker's update (``tiled=True``: a stack of its own workers); the aggregating transforms
-  gather over the axis and return the aggregate replicated on every shard. Compute the
+  gather over the axis and return the aggregate replicated on every shard (coordinate-wise rules
+  can split the work instead: ``layout="coordinates"`` in :func:`aggregate`). Compute the
   per-shard gradients with :func:`rbyz.distributed.local_grad` (inside ``shard_map`` a plain
   ``jax.grad`` of replicated params silently sums the workers' gradients).
 
@@ -165,11 +166,15 @@ class AggregateState(NamedTuple):
     center: Any
 
 
+_LAYOUTS = ("gather", "coordinates")
+
+
 def aggregate(
     rule: Rule | str,
     *,
     axis_name: str | None = None,
     tiled: bool = False,
+    layout: str = "gather",
     key=None,
     **hparams,
 ) -> optax.GradientTransformationExtraArgs:
@@ -192,6 +197,12 @@ def aggregate(
       axis_name: ``None`` for stacked updates; otherwise the named worker axis to gather over
         (collective mode, inside ``shard_map``/``pmap``/``vmap(axis_name=...)``).
       tiled: collective mode only: each shard holds a stack ``[m, ...]`` of its own workers.
+      layout: collective mode only. ``"gather"``: every shard gathers all updates
+        (``all_gather``) and computes the whole aggregate. ``"coordinates"``, for coordinate-wise
+        rules (:func:`rbyz.aggregators.is_coordinatewise`): each of the ``S`` shards receives
+        every worker's values on ``1/S`` of the coordinates (``all_to_all``), aggregates them,
+        and the slices are joined (``all_gather``); the same numbers for ``1/S`` of the compute
+        and memory per shard.
       key: int seed or jax key, for rules that take a ``key``.
       **hparams: passed to the rule (``f=...``, ``tau=...``, ...).
 
@@ -223,6 +234,7 @@ def aggregate(
     if takes_key and key is None and _requires(rule, "key"):
         raise ValueError(f"aggregate: rule {name} needs a random key; pass key=0 or a jax key.")
     key_data = _key_data(key, "aggregate") if key is not None else None
+    _check_layout(layout, rule, axis_name)
 
     def init_fn(params):
         center = jax.tree.map(jnp.zeros_like, params) if stateful else None
@@ -230,6 +242,9 @@ def aggregate(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
+        if layout == "coordinates":  # coordinate-wise rules: no key, no centre
+            out = _aggregate_coordinates(rule, updates, axis_name, tiled, hparams)
+            return out, state._replace(count=optax.safe_increment(state.count))
         stacked = _gathered(updates, params, axis_name, tiled, "aggregate")
         kwargs = dict(hparams)
         next_key = state.key
@@ -246,12 +261,53 @@ def aggregate(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_layout(layout: str, rule: Rule, axis_name: str | None) -> None:
+    from rbyz import aggregators
+
+    checks.require(
+        layout in _LAYOUTS,
+        "aggregate",
+        f"unknown layout {layout!r}; use 'gather' (every shard aggregates all coordinates) or "
+        "'coordinates' (each shard aggregates its share; coordinate-wise rules only).",
+    )
+    if layout == "gather":
+        return
+    checks.require(
+        axis_name is not None,
+        "aggregate",
+        "layout='coordinates' splits the coordinates over the named worker axis: pass "
+        "axis_name='workers' (collective mode), or drop layout for stacked updates.",
+    )
+    checks.require(
+        aggregators.is_coordinatewise(rule),
+        "aggregate",
+        f"layout='coordinates' needs a coordinate-wise rule (one of "
+        f"{', '.join(aggregators.COORDINATEWISE)}, or a rule marked coordinatewise = True); "
+        f"{_rule_name(rule)} needs whole updates. Use layout='gather'.",
+    )
+
+
+def _aggregate_coordinates(rule: Rule, updates, axis_name: str, tiled: bool, hparams):
+    """``rule`` on this shard's share of the coordinates, joined over the axis."""
+    like = jax.tree.map(
+        lambda u: jax.ShapeDtypeStruct(u.shape[1:] if tiled else u.shape, u.dtype), updates)
+    try:
+        part = rule(distributed.scatter_coordinates(updates, axis_name, tiled=tiled), **hparams)
+        return distributed.gather_coordinates(part, like, axis_name)
+    except ValueError as err:
+        raise ValueError(str(err).replace("scatter_coordinates", "aggregate")) from None
+
+
 def _first_rows(stacked):
     return jax.tree.map(lambda leaf: leaf[0], stacked)
 
 
 def majority_vote(
-    *, zero_sign: int = 0, axis_name: str | None = None, tiled: bool = False
+    *,
+    zero_sign: int = 0,
+    axis_name: str | None = None,
+    tiled: bool = False,
+    layout: str = "gather",
 ) -> optax.GradientTransformationExtraArgs:
     """Coordinate-wise majority vote of the workers' signs: ``u = sign(sum_i sign(u_i))``.
 
@@ -266,6 +322,8 @@ def majority_vote(
         ``rbyz.aggregators.sign_majority``.
       axis_name: ``None`` for stacked updates, else the named worker axis (collective mode).
       tiled: collective mode only: each shard holds a stack of its own workers.
+      layout: collective mode only: ``"gather"`` or ``"coordinates"`` (each shard votes on its
+        share of the coordinates), as in :func:`aggregate`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (state :class:`AggregateState`).
@@ -281,7 +339,8 @@ def majority_vote(
       Bernstein, Zhao, Azizzadenesheli, Anandkumar, `signSGD with Majority Vote is Communication
       Efficient and Fault Tolerant`, ICLR 2019.
     """
-    return aggregate("sign_majority", zero_sign=zero_sign, axis_name=axis_name, tiled=tiled)
+    return aggregate("sign_majority", zero_sign=zero_sign, axis_name=axis_name, tiled=tiled,
+                     layout=layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,6 +640,7 @@ def noisy_sign_sgd(
     *,
     key=0,
     axis_name: str | None = None,
+    layout: str = "gather",
 ) -> optax.GradientTransformationExtraArgs:
     """Noisy signSGD with majority vote (Chen et al. 2020, Alg. 3).
 
@@ -595,6 +655,8 @@ def noisy_sign_sgd(
       b: noise standard deviation.
       key: int seed or jax key for the noise.
       axis_name: ``None`` (stacked) or the named worker axis (collective).
+      layout: collective mode only: ``"gather"`` or ``"coordinates"`` (each shard votes on its
+        share of the coordinates), as in :func:`aggregate`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -612,7 +674,7 @@ def noisy_sign_sgd(
     """
     return optax.chain(
         add_worker_noise(b, key=key, axis_name=axis_name),
-        majority_vote(axis_name=axis_name),
+        majority_vote(axis_name=axis_name, layout=layout),
         optax.sgd(learning_rate),
     )
 
@@ -623,6 +685,7 @@ def noisy_median_sgd(
     *,
     key=0,
     axis_name: str | None = None,
+    layout: str = "gather",
 ) -> optax.GradientTransformationExtraArgs:
     """Noisy medianSGD (Chen et al. 2020, Alg. 4).
 
@@ -637,6 +700,8 @@ def noisy_median_sgd(
       b: noise standard deviation.
       key: int seed or jax key for the noise.
       axis_name: ``None`` (stacked) or the named worker axis (collective).
+      layout: collective mode only: ``"gather"`` or ``"coordinates"`` (each shard votes on its
+        share of the coordinates), as in :func:`aggregate`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -654,7 +719,7 @@ def noisy_median_sgd(
     """
     return optax.chain(
         add_worker_noise(b, key=key, axis_name=axis_name),
-        aggregate("median", axis_name=axis_name),
+        aggregate("median", axis_name=axis_name, layout=layout),
         optax.sgd(learning_rate),
     )
 
@@ -676,6 +741,7 @@ def signsgd_majority(
     momentum: float = 0.0,
     n: int | None = None,
     axis_name: str | None = None,
+    layout: str = "gather",
 ) -> optax.GradientTransformationExtraArgs:
     """signSGD with majority vote, and Signum with majority vote when ``momentum > 0``.
 
@@ -688,6 +754,8 @@ def signsgd_majority(
       momentum: worker momentum ``beta`` in ``[0, 1)``.
       n: number of workers (stacked mode with momentum: the per-worker state is ``[n, ...]``).
       axis_name: ``None`` (stacked) or the named worker axis (collective).
+      layout: collective mode only: ``"gather"`` or ``"coordinates"`` (each shard votes on its
+        share of the coordinates), as in :func:`aggregate`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -708,7 +776,7 @@ def signsgd_majority(
     parts = []
     if momentum > 0:
         parts.append(_worker_momentum(optax.ema(momentum, debias=False), n, axis_name))
-    parts += [majority_vote(axis_name=axis_name), optax.sgd(learning_rate)]
+    parts += [majority_vote(axis_name=axis_name, layout=layout), optax.sgd(learning_rate)]
     return optax.chain(*parts)
 
 
@@ -735,7 +803,7 @@ def robust_sgd(
       n: number of workers (needed for worker momentum in stacked mode).
       axis_name: ``None`` (stacked) or the named worker axis (collective).
       key: int seed or jax key for rules that take a key.
-      **hparams: passed to the rule (``f=...``).
+      **hparams: passed to :func:`aggregate` and the rule (``f=...``, ``layout=...``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
