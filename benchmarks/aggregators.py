@@ -405,7 +405,9 @@ def main(argv=None):
                                extra_bulyan_f=12 if n == 51 else None)
     report = "\n".join([
         "# rbyz aggregator benchmark", "", f"Machine: {machine()}", "",
-        f"ByzFL: {byzfl_note}", "", f"float32, median of {repeats} jitted calls after a warm-up.",
+        f"ByzFL: {byzfl_note}", "",
+        f"float32, median of {repeats} rounds after a warm-up, each round timing rbyz and its "
+        "baselines once.",
         "", table(rows), "", "## Targets", "", *[f"- {line}" for line in targets(rows)], "",
     ])
     print(report)
