@@ -3,9 +3,10 @@
 In collective mode (``rbyz.transforms.aggregate(..., axis_name="workers")`` inside
 ``jax.shard_map``), the ``"gather"`` layout all-gathers every worker's update onto every device
 and each device computes the whole aggregate: ``n d`` values per device, the same work ``S``
-times. The ``"coordinates"`` layout (coordinate-wise rules) all-to-alls so that each of the
-``S`` devices holds every worker's values on ``1/S`` of the coordinates, aggregates them, and
-all-gathers the ``d``-long result: ``n d / S`` values per device.
+times. The ``"coordinates"`` layout all-to-alls so that each of the ``S`` devices holds every
+worker's values on ``1/S`` of the coordinates, aggregates them (distance-based rules ``psum``
+their ``[n, n]`` or ``[n]`` partial sums), and all-gathers the ``d``-long result: ``n d / S``
+values per device.
 
 On the CPU the devices are simulated (``--devices``, default 8) and share the machine's cores, so
 the gather layout pays its ``S``-fold redundant work in wall time; on real accelerators the gain
@@ -56,13 +57,17 @@ def main() -> None:
         "trimmed_mean": dict(rule="trimmed_mean", f=f),
         "meamed": dict(rule="meamed", f=f),
         "sign_majority": dict(rule="sign_majority"),
+        "krum": dict(rule="krum", f=f),
+        "multi_krum": dict(rule="multi_krum", f=f),
+        "geometric_median": dict(rule="geometric_median", f=f),
+        "centered_clipping": dict(rule="centered_clipping", f=f),
     }
 
-    def step_for(layout: str, hparams: dict):
+    def step_for(layout: str, hparams: dict, d: int):
         tx = transforms.aggregate(axis_name="workers", tiled=True, layout=layout, **hparams)
         update = jax.shard_map(lambda u, s: tx.update(u, s)[0], mesh=mesh,
                                in_specs=(P("workers"), P()), out_specs=P())
-        return jax.jit(update), tx.init(None)
+        return jax.jit(update), tx.init(jnp.zeros(d, jnp.float32))
 
     def once(fn, *a):
         start = time.perf_counter()
@@ -74,7 +79,7 @@ def main() -> None:
         x = distributed.shard_workers(
             jax.random.normal(jax.random.key(d), (args.n, d), jnp.float32), mesh)
         for name, hparams in rules.items():
-            steps = {layout: step_for(layout, hparams) for layout in ("gather", "coordinates")}
+            steps = {layout: step_for(layout, hparams, d) for layout in ("gather", "coordinates")}
             times = {layout: [] for layout in steps}
             for layout, (fn, state) in steps.items():
                 once(fn, x, state)  # compile
@@ -84,7 +89,7 @@ def main() -> None:
             gather, coords = (statistics.median(times[k]) for k in ("gather", "coordinates"))
             rows.append((args.n, d, name, round(gather * 1e3, 2), round(coords * 1e3, 2),
                          round(gather / coords, 1)))
-            print(f"  n={args.n} d={d:.0e} {name:<14} gather {gather * 1e3:8.2f} ms  "
+            print(f"  n={args.n} d={d:.0e} {name:<18} gather {gather * 1e3:8.2f} ms  "
                   f"coordinates {coords * 1e3:8.2f} ms", flush=True)
 
     print()

@@ -34,6 +34,7 @@ def transforms_to_check():
         "trimmed_mean": make("trimmed_mean", f=1),
         "krum": make("krum", f=1),
         "geometric_median": make("geometric_median", f=1),
+        "centered_clipping": make("centered_clipping", f=1, tau=0.5),
     }
 
 
@@ -45,11 +46,12 @@ def main(port: int, process_id: int, num_processes: int, out_prefix: str) -> Non
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id,
                                initialization_timeout=120)
+    import jax.numpy as jnp
     import numpy as np
     from jax import P
     from jax.sharding import NamedSharding
 
-    from rbyz import aggregators, distributed
+    from rbyz import distributed
 
     assert jax.device_count() == LOCAL_DEVICES * num_processes, jax.devices()
     mesh = distributed.worker_mesh()
@@ -58,14 +60,11 @@ def main(port: int, process_id: int, num_processes: int, out_prefix: str) -> Non
                                            lambda index: x[index])
     results = {}
     for name, make in transforms_to_check().items():
-        layouts = ["gather"]
-        if aggregators.is_coordinatewise(aggregators.get(name)):
-            layouts.append("coordinates")
-        for layout in layouts:
+        for layout in ("gather", "coordinates"):
             tx = make(axis_name="workers", tiled=True, layout=layout)
             step = jax.jit(jax.shard_map(lambda u, s, tx=tx: tx.update(u, s)[0], mesh=mesh,
                                          in_specs=(P("workers"), P()), out_specs=P()))
-            out = step(sharded, tx.init(None))
+            out = step(sharded, tx.init(jnp.zeros(D, jnp.float32)))
             results[f"{name}/{layout}"] = np.asarray(out.addressable_data(0))
     np.savez(f"{out_prefix}.{process_id}.npz", **results)
     jax.distributed.shutdown()

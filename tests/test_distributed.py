@@ -16,7 +16,8 @@ import optax
 import pytest
 from jax import P
 
-from rbyz import distributed, transforms
+from rbyz import aggregators, distributed, transforms
+from rbyz import preaggregators as pre
 
 N = 8
 D = 4
@@ -105,33 +106,45 @@ def test_rule_collective_equals_stacked(rule):
 
 # The coordinate-sharded layout: all_to_all, aggregate a slice, all_gather.
 
-COORDINATE_RULES = {
-    "mean": lambda axis, layout: transforms.aggregate("mean", axis_name=axis, layout=layout),
-    "median": lambda axis, layout: transforms.aggregate("median", f=2, axis_name=axis,
-                                                        layout=layout),
-    "trimmed_mean": lambda axis, layout: transforms.aggregate("trimmed_mean", f=2,
-                                                              axis_name=axis, layout=layout),
-    "meamed": lambda axis, layout: transforms.aggregate("meamed", f=2, axis_name=axis,
-                                                        layout=layout),
-    "majority_vote": lambda axis, layout: transforms.majority_vote(axis_name=axis, layout=layout),
-}
+def _coordinate_rules():
+    nnm_krum = pre.compose(functools.partial(pre.nnm, f=2), functools.partial(aggregators.krum,
+                                                                              f=2))
+    rules = {name: (name, {"f": 2}) for name in aggregators.names() if name != "bulyan"}
+    rules["bulyan"] = ("bulyan", {"f": 1})  # n = 8 >= 4f + 3
+    rules["centered_clipping"] = ("centered_clipping", {"f": 2, "tau": 0.5, "iterations": 2})
+    rules["nnm+krum"] = (nnm_krum, {})
+    arc_bucketing_median = pre.compose(functools.partial(pre.arc, f=2),
+                                       functools.partial(pre.bucketing, s=2), aggregators.median)
+    rules["arc+bucketing+median"] = (arc_bucketing_median, {"key": 3})  # the same key per shard
+    return rules
 
 
-@pytest.mark.parametrize("rule", sorted(COORDINATE_RULES))
+def _hostile_updates():
+    """Two hostile rows: one NaN in a single coordinate (seen by one shard only), one at 1e30."""
+    updates = _updates()
+    return {"w": updates["w"].at[7].set(1e30), "b": updates["b"].at[6, 1, 2].set(jnp.nan)}
+
+
+@pytest.mark.parametrize("rule", sorted(_coordinate_rules()))
 def test_coordinate_layout_equals_stacked(rule):
     # Leaves of 4 and 6 coordinates over 8 shards: every slice is padded.
-    stacked_tx = COORDINATE_RULES[rule](None, "gather")
+    fn, hparams = _coordinate_rules()[rule]
+    make = functools.partial(transforms.aggregate, fn, **hparams)
+    updates = _updates() if rule in ("bulyan", "mean") else _hostile_updates()
+    stacked_tx = make()
     stacked = _two_steps(stacked_tx, jax.jit(lambda p, s, u: stacked_tx.update(u, s, p)),
-                         _updates())
-    tx = COORDINATE_RULES[rule](AXIS, "coordinates")
+                         updates)
+    tx = make(axis_name=AXIS, layout="coordinates")
 
     def worker(params, state, update):
         return tx.update(_squeeze_shard(update), state, params)
 
     for mode in MODES:
-        got = _two_steps(tx, _collective(worker, mode), _updates())
+        got = _two_steps(tx, _collective(worker, mode), updates)
         for a, b in zip(stacked, got):
-            jax.tree.map(np.testing.assert_array_equal, a, b)
+            assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(b))
+            jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6),
+                         a, b)
 
 
 def test_coordinate_layout_with_tiled_shards_and_a_large_leaf():
@@ -172,9 +185,9 @@ def test_custom_coordinatewise_rule_may_use_the_coordinate_layout():
     def upper_half_mean(updates, *, f=0):
         return jax.tree.map(lambda x: jnp.sort(x, axis=0)[x.shape[0] // 2:].mean(0), updates)
 
-    with pytest.raises(ValueError, match="needs whole updates"):
+    with pytest.raises(ValueError, match="upper_half_mean is none of these"):
         transforms.aggregate(upper_half_mean, axis_name=AXIS, layout="coordinates")
-    upper_half_mean.coordinatewise = True
+    upper_half_mean.coordinate_slices = True
     tx = transforms.aggregate(upper_half_mean, axis_name=AXIS, layout="coordinates")
     got = jax.vmap(lambda u: tx.update(u, tx.init(None))[0], axis_name=AXIS)(_updates())
     expected = upper_half_mean(_updates())
@@ -184,8 +197,8 @@ def test_custom_coordinatewise_rule_may_use_the_coordinate_layout():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: transforms.aggregate("krum", f=1, axis_name=AXIS, layout="coordinates"),
-         r"aggregate: layout='coordinates' needs a coordinate-wise rule .* krum needs whole"),
+        (lambda: transforms.aggregate(lambda u, f=0: u, axis_name=AXIS, layout="coordinates"),
+         r"aggregate: layout='coordinates' needs a rule that runs on slices .* <lambda> is "),
         (lambda: transforms.aggregate("median", layout="coordinates"),
          r"aggregate: layout='coordinates' splits the coordinates .* pass axis_name="),
         (lambda: transforms.aggregate("median", axis_name=AXIS, layout="rows"),

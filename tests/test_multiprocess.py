@@ -65,10 +65,10 @@ def test_collective_aggregation_across_processes_equals_stacked(tmp_path):
     x = jnp.asarray(worker.updates())
     for process in range(PROCESSES):
         got = np.load(f"{prefix}.{process}.npz")
-        assert set(got) >= {"median/gather", "median/coordinates", "krum/gather"}
+        assert set(got) >= {"median/gather", "median/coordinates", "krum/coordinates"}
         for key in got:
             name = key.split("/")[0]
             tx = worker.transforms_to_check()[name]()
-            expected, _ = tx.update(x, tx.init(None))
+            expected, _ = tx.update(x, tx.init(jnp.zeros(worker.D, jnp.float32)))
             np.testing.assert_allclose(got[key], np.asarray(expected), rtol=1e-6, atol=1e-7,
                                        err_msg=f"{key} on process {process}")

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from rbyz._src import checks
+from rbyz._src import coordinates
 from rbyz._src import distances
 from rbyz._src import order_stats
 from rbyz._src import registry
@@ -45,7 +46,6 @@ __all__ = (
     "centered_clipping",
     "geometric_median",
     "get",
-    "is_coordinatewise",
     "krum",
     "mean",
     "meamed",
@@ -53,6 +53,7 @@ __all__ = (
     "multi_krum",
     "names",
     "sign_majority",
+    "supports_coordinate_layout",
     "trimmed_mean",
 )
 
@@ -117,7 +118,8 @@ def _sq_distances_to(updates, point) -> jax.Array:
         rows = leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)
         return jnp.sum(jnp.square(rows - center.reshape(1, -1).astype(jnp.float32)), axis=1)
 
-    return sum(jax.tree.leaves(jax.tree.map(leaf_sq_distances, updates, point)))
+    per_leaf = jax.tree.leaves(jax.tree.map(leaf_sq_distances, updates, point))
+    return coordinates.total(sum(per_leaf))
 
 
 def _weighted_mean(updates, weights, total):
@@ -704,23 +706,26 @@ def names() -> tuple[str, ...]:
     return _REGISTRY.names()
 
 
-COORDINATEWISE = ("mean", "median", "trimmed_mean", "meamed", "sign_majority")
+def supports_coordinate_layout(rule: Callable) -> bool:
+    """Whether ``rule`` gives the right aggregate when each device holds a slice of the coordinates.
 
-
-def is_coordinatewise(rule: Callable) -> bool:
-    """Whether coordinate ``k`` of ``rule``'s output depends only on coordinate ``k`` of the inputs.
-
-    Such a rule can aggregate any slice of the coordinates on its own, which is what
-    ``rbyz.transforms.aggregate(..., layout="coordinates")`` does on each device. True for the
-    built-in :data:`COORDINATEWISE` rules (and ``functools.partial`` of them), and for a rule of
-    your own that declares it with a ``coordinatewise = True`` attribute.
+    That is what ``rbyz.transforms.aggregate(..., layout="coordinates")`` runs: every device
+    receives all workers' values on ``1/S`` of the coordinates and aggregates that slice. True
+    for every rule of this module: coordinate-wise rules need nothing else, and the others reduce
+    over coordinates (norms, distances, finiteness of a whole update) only through rbyz's
+    kernels, which complete those sums over the devices, so that every device makes the same
+    selection or weighting. True for :func:`rbyz.preaggregators.compose` of built-in stages, and
+    for a rule of your own that declares ``coordinate_slices = True`` (do so only if it is
+    coordinate-wise: a norm it computes itself would see one slice).
 
     Example:
-      >>> is_coordinatewise(median), is_coordinatewise(krum)
-      (True, False)
+      >>> supports_coordinate_layout(krum)
+      True
+      >>> supports_coordinate_layout(lambda updates, f=0: updates)
+      False
     """
     while isinstance(rule, functools.partial):
         rule = rule.func
-    if getattr(rule, "coordinatewise", False) is True:
+    if getattr(rule, "coordinate_slices", False) is True:
         return True
-    return any(rule is get(name) for name in COORDINATEWISE)
+    return any(rule is get(name) for name in names())

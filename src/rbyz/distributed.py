@@ -6,12 +6,12 @@ rules need all of them, so they are gathered over the axis with :func:`gather_wo
 returns a value typed as replicated (invariant) under ``shard_map`` so that the aggregate can
 leave with ``out_specs=P()``.
 
-Coordinate-wise rules (mean, median, trimmed mean, MeaMed, sign majority) need all workers' values
-only coordinate by coordinate, so the work can be split instead of repeated:
-:func:`scatter_coordinates` (one ``all_to_all``) gives each of the ``S`` shards every worker's
-values on its ``1/S`` of the coordinates, the rule runs on that slice, and
-:func:`gather_coordinates` (one ``all_gather``) reassembles the aggregate on every shard. Each
-shard then aggregates ``n d / S`` values instead of ``n d``.
+The aggregation can also be split instead of repeated: :func:`scatter_coordinates` (one
+``all_to_all``) gives each of the ``S`` shards every worker's values on its ``1/S`` of the
+coordinates, the rule runs on that slice (whole-update norms and distances summed over the shards,
+see ``rbyz.transforms.aggregate(layout="coordinates")``), and :func:`gather_coordinates` (one
+``all_gather``) reassembles the aggregate on every shard. Each shard then aggregates ``n d / S``
+values instead of ``n d``.
 
 Warning (the silent psum): inside ``shard_map`` with ``check_vma=True``, ``jax.grad`` with
 respect to *replicated* params returns the gradient already summed over the worker axis (the
@@ -205,6 +205,33 @@ def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False):
     return jax.tree.map(scatter, tree)
 
 
+def slice_coordinates(tree, axis_name: str = WORKERS):
+    """This shard's slice of a pytree every shard holds whole (no communication).
+
+    Cut as :func:`scatter_coordinates` cuts each worker's update: the flattened leaf,
+    zero-padded to ``S c``, coordinates ``[j c, (j + 1) c)`` on shard ``j``. Used for state that
+    a rule reads beside the updates, such as centered clipping's centre.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> own = jax.vmap(lambda _: slice_coordinates(jnp.arange(3.0), "workers"),
+      ...                axis_name="workers")
+      >>> own(jnp.zeros(2))
+      Array([[0., 1.],
+             [2., 0.]], dtype=float32)
+    """
+    shards = _axis_size(axis_name, "slice_coordinates")
+    index = jax.lax.axis_index(axis_name)
+
+    def cut(leaf):
+        flat = leaf.reshape(-1)
+        width = -(-flat.shape[0] // shards)
+        blocks = jnp.pad(flat, (0, shards * width - flat.shape[0])).reshape(shards, width)
+        return blocks[index]
+
+    return jax.tree.map(cut, tree)
+
+
 def gather_coordinates(slices, like, axis_name: str = WORKERS):
     """Joins every shard's slice of an aggregate into the whole, on every shard (one
     ``all_gather``); the inverse of :func:`scatter_coordinates` for one aggregated row.
@@ -279,6 +306,7 @@ __all__ = (
     "replicate",
     "scatter_coordinates",
     "shard_workers",
+    "slice_coordinates",
     "varying_axes",
     "worker_index",
     "worker_mesh",

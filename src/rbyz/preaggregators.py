@@ -341,4 +341,19 @@ def compose(*stages: Callable) -> Callable[..., Any]:
             updates = stage(updates, key=next(keys)) if takes_key else stage(updates)
         return updates
 
+    aggregate.coordinate_slices = _built_in_stages(stages)
     return aggregate
+
+
+def _built_in_stages(stages) -> bool:
+    """Whether every stage is a built-in pre-aggregator, then a rule that runs on coordinate
+    slices (see ``rbyz.aggregators.supports_coordinate_layout``)."""
+    from rbyz import aggregators  # late: rbyz.aggregators does not need this module
+
+    def built_in(stage):
+        while isinstance(stage, functools.partial):
+            stage = stage.func
+        return any(stage is rule for rule in (nnm, bucketing, clip, arc))
+
+    *pres, last = stages
+    return all(map(built_in, pres)) and aggregators.supports_coordinate_layout(last)

@@ -15,8 +15,9 @@ Two modes, the same numbers:
 - **collective** (``axis_name="workers"``): the transform runs on each shard of a named axis
   (``jax.shard_map``, ``jax.pmap`` or ``jax.vmap(axis_name=...)``), each shard holding its own
   worker's update (``tiled=True``: a stack of its own workers); the aggregating transforms
-  gather over the axis and return the aggregate replicated on every shard (coordinate-wise rules
-  can split the work instead: ``layout="coordinates"`` in :func:`aggregate`). Compute the
+  gather over the axis and return the aggregate replicated on every shard (built-in rules
+  can instead split the coordinates over the shards: ``layout="coordinates"`` in
+  :func:`aggregate`). Compute the
   per-shard gradients with :func:`rbyz.distributed.local_grad` (inside ``shard_map`` a plain
   ``jax.grad`` of replicated params silently sums the workers' gradients).
 
@@ -43,6 +44,7 @@ import optax
 
 from rbyz import distributed
 from rbyz._src import checks
+from rbyz._src import coordinates
 from rbyz._src import tree as tree_util
 
 Rule = Callable[..., Any]
@@ -198,11 +200,13 @@ def aggregate(
         (collective mode, inside ``shard_map``/``pmap``/``vmap(axis_name=...)``).
       tiled: collective mode only: each shard holds a stack ``[m, ...]`` of its own workers.
       layout: collective mode only. ``"gather"``: every shard gathers all updates
-        (``all_gather``) and computes the whole aggregate. ``"coordinates"``, for coordinate-wise
-        rules (:func:`rbyz.aggregators.is_coordinatewise`): each of the ``S`` shards receives
-        every worker's values on ``1/S`` of the coordinates (``all_to_all``), aggregates them,
-        and the slices are joined (``all_gather``); the same numbers for ``1/S`` of the compute
-        and memory per shard.
+        (``all_gather``) and computes the whole aggregate. ``"coordinates"``: each of the ``S``
+        shards receives every worker's values on ``1/S`` of the coordinates (``all_to_all``) and
+        aggregates that slice; whole-update norms and distances are summed over the shards
+        (a ``psum`` of ``[n]`` or ``[n, n]`` values), so every shard selects and weights alike;
+        the slices are joined (``all_gather``). The same numbers (up to float rounding of the
+        distance sums) for ``1/S`` of the compute and memory per shard. Any rule of
+        :mod:`rbyz.aggregators` (see :func:`rbyz.aggregators.supports_coordinate_layout`).
       key: int seed or jax key, for rules that take a ``key``.
       **hparams: passed to the rule (``f=...``, ``tau=...``, ...).
 
@@ -242,18 +246,17 @@ def aggregate(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        if layout == "coordinates":  # coordinate-wise rules: no key, no centre
-            out = _aggregate_coordinates(rule, updates, axis_name, tiled, hparams)
-            return out, state._replace(count=optax.safe_increment(state.count))
-        stacked = _gathered(updates, params, axis_name, tiled, "aggregate")
         kwargs = dict(hparams)
         next_key = state.key
         if state.key is not None:
             next_key, kwargs["key"] = _split(state.key)
-        if stateful:
-            kwargs["center"] = jax.tree.map(
-                lambda c, u: c.astype(u.dtype), state.center, _first_rows(stacked))
-        out = rule(stacked, **kwargs)
+        if layout == "coordinates":
+            out = _aggregate_coordinates(rule, updates, state.center, axis_name, tiled, kwargs)
+        else:
+            stacked = _gathered(updates, params, axis_name, tiled, "aggregate")
+            if stateful:
+                kwargs["center"] = _cast_like_rows(state.center, stacked)
+            out = rule(stacked, **kwargs)
         center = jax.tree.map(lambda o, c: o.astype(c.dtype), out, state.center) if stateful \
             else None
         return out, AggregateState(optax.safe_increment(state.count), next_key, center)
@@ -268,7 +271,7 @@ def _check_layout(layout: str, rule: Rule, axis_name: str | None) -> None:
         layout in _LAYOUTS,
         "aggregate",
         f"unknown layout {layout!r}; use 'gather' (every shard aggregates all coordinates) or "
-        "'coordinates' (each shard aggregates its share; coordinate-wise rules only).",
+        "'coordinates' (each shard aggregates its share of the coordinates).",
     )
     if layout == "gather":
         return
@@ -279,27 +282,35 @@ def _check_layout(layout: str, rule: Rule, axis_name: str | None) -> None:
         "axis_name='workers' (collective mode), or drop layout for stacked updates.",
     )
     checks.require(
-        aggregators.is_coordinatewise(rule),
+        aggregators.supports_coordinate_layout(rule),
         "aggregate",
-        f"layout='coordinates' needs a coordinate-wise rule (one of "
-        f"{', '.join(aggregators.COORDINATEWISE)}, or a rule marked coordinatewise = True); "
-        f"{_rule_name(rule)} needs whole updates. Use layout='gather'.",
+        f"layout='coordinates' needs a rule that runs on slices of the coordinates (any rule of "
+        f"rbyz.aggregators, a compose() of built-in stages, or a coordinate-wise rule of your own "
+        f"marked coordinate_slices = True); {_rule_name(rule)} is none of these. Use "
+        "layout='gather'.",
     )
 
 
-def _aggregate_coordinates(rule: Rule, updates, axis_name: str, tiled: bool, hparams):
-    """``rule`` on this shard's share of the coordinates, joined over the axis."""
+def _aggregate_coordinates(rule: Rule, updates, center, axis_name: str, tiled: bool, kwargs):
+    """``rule`` on this shard's slice of the coordinates (sums over coordinates completed over
+    the axis), the slices joined into the aggregate."""
     like = jax.tree.map(
         lambda u: jax.ShapeDtypeStruct(u.shape[1:] if tiled else u.shape, u.dtype), updates)
     try:
-        part = rule(distributed.scatter_coordinates(updates, axis_name, tiled=tiled), **hparams)
+        stacked = distributed.scatter_coordinates(updates, axis_name, tiled=tiled)
+        if center is not None:
+            own = distributed.slice_coordinates(center, axis_name)
+            kwargs = {**kwargs, "center": _cast_like_rows(own, stacked)}
+        with coordinates.sharded(axis_name):
+            part = rule(stacked, **kwargs)
         return distributed.gather_coordinates(part, like, axis_name)
     except ValueError as err:
         raise ValueError(str(err).replace("scatter_coordinates", "aggregate")) from None
 
 
-def _first_rows(stacked):
-    return jax.tree.map(lambda leaf: leaf[0], stacked)
+def _cast_like_rows(center, stacked):
+    """``center`` in the dtypes of the stacked updates' rows."""
+    return jax.tree.map(lambda c, leaf: c.astype(leaf.dtype), center, stacked)
 
 
 def majority_vote(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rbyz._src import coordinates
 from rbyz._src import order_stats
 from rbyz._src import tree as tree_util
 
@@ -60,7 +61,7 @@ def pairwise_sq_distances(tree) -> jax.Array:
       A symmetric matrix with a zero diagonal; ``+inf`` between a hostile row (non-finite values
       or an overflowing norm) and any other row.
     """
-    gram = sum(_leaf_gram(leaf) for leaf in tree_util.leaves(tree))
+    gram = coordinates.total(sum(_leaf_gram(leaf) for leaf in tree_util.leaves(tree)))
     norms = jnp.diagonal(gram)
     ok = jnp.isfinite(norms)
     # Symmetrised: the product need not round G[i, j] and G[j, i] alike, and an asymmetry would

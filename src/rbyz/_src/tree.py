@@ -12,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rbyz._src import coordinates
+
 # Above this many rows an unrolled reduction makes graphs too large; XLA's reduce is used instead.
 UNROLL_MAX_ROWS = 128
 
@@ -115,15 +117,15 @@ def finite_rows(tree) -> jax.Array:
         jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
         for leaf in leaves(tree)
     ]
-    return functools.reduce(jnp.logical_and, flags)
+    return coordinates.all_true(functools.reduce(jnp.logical_and, flags))
 
 
 def row_sq_norms(tree) -> jax.Array:
     """``[n]`` float32: squared Euclidean norm of each worker's whole update (all leaves)."""
-    return sum(
+    return coordinates.total(sum(
         jnp.sum(jnp.square(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)), axis=1)
         for leaf in leaves(tree)
-    )
+    ))
 
 
 def take_row(tree, index):
