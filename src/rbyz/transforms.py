@@ -15,11 +15,10 @@ Two modes, the same numbers:
 - **collective** (``axis_name="workers"``): the transform runs on each shard of a named axis
   (``jax.shard_map``, ``jax.pmap`` or ``jax.vmap(axis_name=...)``), each shard holding its own
   worker's update (``tiled=True``: a stack of its own workers); the aggregating transforms
-  gather over the axis and return the aggregate replicated on every shard (built-in rules
-  can instead split the coordinates over the shards: ``layout="coordinates"`` in
-  :func:`aggregate`). Compute the
-  per-shard gradients with :func:`rbyz.distributed.local_grad` (inside ``shard_map`` a plain
-  ``jax.grad`` of replicated params silently sums the workers' gradients).
+  gather over the axis and return the aggregate replicated on every shard (built-in rules can
+  instead split the coordinates over the shards: ``layout="coordinates"`` in :func:`aggregate`).
+  Compute the per-shard gradients with :func:`rbyz.distributed.local_grad` (inside ``shard_map``
+  a plain ``jax.grad`` of replicated params silently sums the workers' gradients).
 
 Warning:
   A transform that consumes stacked (or per-worker) updates must come first in a chain, before
