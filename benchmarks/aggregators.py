@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -222,12 +223,16 @@ def load_byzfl():
     return (aggregators, preaggregators), "byzfl.aggregators only (import byzfl failed)"
 
 
-def byzfl_rules(modules, f: int) -> dict[str, Callable]:
+# ByzFL's MDA loops in Python over all C(n, f) subsets; beyond this many it is not timed.
+BYZFL_MDA_MAX_SUBSETS = 60_000
+
+
+def byzfl_rules(modules, f: int, n: int) -> dict[str, Callable]:
     aggregators, preaggregators = modules
     median, krum = aggregators.Median(), aggregators.Krum(f=f)
     nnm, bucketing = preaggregators.NNM(f=f), preaggregators.Bucketing(s=2)
     arc = preaggregators.ARC(f=f)
-    return {
+    rules = {
         "mean": aggregators.Average(),
         "median": median,
         "trimmed_mean": aggregators.TrMean(f=f),
@@ -243,6 +248,9 @@ def byzfl_rules(modules, f: int) -> dict[str, Callable]:
         "nnm+krum": lambda x: krum(nnm(x)),
         "bucketing+median": lambda x: median(bucketing(x)),
     }
+    if math.comb(n, f) <= BYZFL_MDA_MAX_SUBSETS:
+        rules["mda"] = aggregators.MDA(f=f)
+    return rules
 
 
 # ----------------------------------------------------------------------------- rbyz
@@ -299,8 +307,8 @@ def bench_size(n, d, f, *, repeats, byzfl, estimates, extra_bulyan_f=None) -> li
         skipped = naive is not None and estimate is not None and estimate * d > SKIP_ESTIMATE_S
         if naive is not None and not skipped:
             calls["naive"] = functools.partial(jax.jit(naive), x)
-        if byzfl is not None and base in byzfl_rules(byzfl, f_rule):
-            calls["byzfl"] = functools.partial(byzfl_rules(byzfl, f_rule)[base], x_torch)
+        if byzfl is not None and base in byzfl_rules(byzfl, f_rule, n):
+            calls["byzfl"] = functools.partial(byzfl_rules(byzfl, f_rule, n)[base], x_torch)
         timed = time_together(calls, repeats=repeats)
         seconds, note = timed["rbyz"]
         row = Row(n, d, f_rule, name, seconds, note=note)

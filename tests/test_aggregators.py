@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 
 import hypothesis
 import hypothesis.strategies as st
@@ -116,6 +117,21 @@ def ref_bulyan(x, f, beta=None):
         chosen.append(winner)
         remaining.remove(winner)
     return ref_mean_around_median(x[chosen], beta)
+
+
+def ref_mda(x, f):
+    """Every subset of n - f rows (leaving out sets in lexicographic order); the first of least
+    diameter wins."""
+    n = len(x)
+    best, best_diameter = None, np.inf
+    for removed in itertools.combinations(range(n), f):
+        kept = [i for i in range(n) if i not in removed]
+        with np.errstate(invalid="ignore", over="ignore"):
+            pairs = [np.sqrt(np.sum((x[i] - x[j]) ** 2)) for i in kept for j in kept]
+        diameter = max([np.inf if np.isnan(d) else d for d in pairs])
+        if best is None or diameter < best_diameter:
+            best, best_diameter = kept, diameter
+    return x[best].mean(axis=0)
 
 
 def ref_geometric_median(x, iterations=4, nu=1e-5, init="median", weights=None):
@@ -232,6 +248,7 @@ CASES = [
     ("multi_krum", {"m": 2, "neighbours": 6}, lambda x, f: ref_multi_krum(x, f, 2, 6), [(9, 2)]),
     ("bulyan", {}, ref_bulyan, [(11, 2), (3, 0), (7, 1)]),
     ("bulyan", {"beta": 2}, lambda x, f: ref_bulyan(x, f, 2), [(11, 2)]),
+    ("mda", {}, ref_mda, [(7, 2), (5, 1), (10, 3), (4, 0)]),
     ("geometric_median", {}, lambda x, f: ref_geometric_median(x), [(9, 4), (5, 1)]),
     ("geometric_median", {"iterations": 8, "nu": 0.1, "init": "zero"},
      lambda x, f: ref_geometric_median(x, 8, 0.1, "zero"), [(6, 2)]),
@@ -316,6 +333,7 @@ ROBUST = {
     "krum": ({}, 9, 3),
     "multi_krum": ({}, 9, 3),
     "bulyan": ({}, 11, 2),
+    "mda": ({}, 9, 3),
     "geometric_median": ({}, 9, 4),
     "centered_clipping": ({"tau": 1.5}, 9, 4),
 }
@@ -362,7 +380,8 @@ def test_hostile_rows_stay_out(name, kind, seed):
     low, high = honest.min(axis=0), honest.max(axis=0)
     if name == "krum":
         assert any(np.array_equal(out, row) for row in honest)
-    elif name in ("geometric_median", "centered_clipping"):
+    elif name in ("geometric_median", "centered_clipping", "mda"):
+        # MDA: the chosen rows are no farther apart than the honest ones, and include one.
         diameter = max(np.linalg.norm(a - b) for a in honest for b in honest)
         assert np.all(out >= low - diameter) and np.all(out <= high + diameter)
     else:  # a mean of honest values per coordinate (or of honest rows, for multi-Krum)
@@ -471,8 +490,8 @@ def test_vmap_over_a_batch_of_problems(name):
 
 def test_registry_round_trip():
     expected = {
-        "bulyan", "centered_clipping", "geometric_median", "krum", "meamed", "mean", "median",
-        "multi_krum", "sign_majority", "trimmed_mean",
+        "bulyan", "centered_clipping", "geometric_median", "krum", "mda", "meamed", "mean",
+        "median", "multi_krum", "sign_majority", "trimmed_mean",
     }
     assert set(agg.names()) == expected
     assert list(agg.names()) == sorted(expected)
@@ -522,6 +541,9 @@ BAD_INPUT = [
     ("centered_clipping", _rows(4), {"center": np.zeros((4,), np.float32)},
      r"centered_clipping: center must be shaped like one worker's update"),
     ("centered_clipping", _rows(4), {"f": 2}, r"centered_clipping: needs n > 2f"),
+    ("mda", _rows(6), {"f": 3}, r"mda: needs n > 2f; got n=6, f=3"),
+    ("mda", _rows(40), {"f": 8}, r"mda: searches all C\(n, f\) subsets; got n=40, f=8: "
+                                 r"C\(n, f\) = 76904685 > 250000.*use multi_krum"),
     ("sign_majority", _rows(4), {"zero_sign": -1}, r"sign_majority: unknown zero_sign=-1"),
     ("sign_majority", _rows(4), {"f": 2}, r"sign_majority: needs n > 2f"),
 ]

@@ -27,7 +27,7 @@ import numpy as np
 from rbyz import aggregators
 from rbyz import attacks
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "meamed", "krum", "multi_krum",
+AGGREGATORS = ("mean", "median", "trimmed_mean", "meamed", "krum", "multi_krum", "mda",
                "geometric_median", "centered_clipping", "bulyan")
 
 
