@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import math
 import os
 import platform
@@ -270,12 +271,14 @@ def feasible_f(rule: Callable, x, f: int) -> int | None:
 def rbyz_rules(x, f: int) -> dict[str, tuple[Callable, int]]:
     """``name -> (jitted fn(x), f used)`` for the aggregators, pre-aggregators, compositions."""
     rules = {}
+    key = jax.random.key(0)
     for name in agg.names():
         rule = agg.get(name)
+        if "key" in inspect.signature(rule).parameters:  # DnC's random subsamples
+            rule = functools.partial(rule, key=key)
         f_rule = feasible_f(rule, x, f)
         if f_rule is not None:
             rules[name] = (jax.jit(functools.partial(rule, f=f_rule)), f_rule)
-    key = jax.random.key(0)
     rules["pre:nnm"] = (jax.jit(functools.partial(pre.nnm, f=f)), f)
     rules["pre:bucketing"] = (jax.jit(lambda u: pre.bucketing(u, key=key, s=2)), f)
     rules["pre:arc"] = (jax.jit(functools.partial(pre.arc, f=f)), f)

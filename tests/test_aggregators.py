@@ -120,18 +120,32 @@ def ref_bulyan(x, f, beta=None):
 
 
 def ref_mda(x, f):
-    """Every subset of n - f rows (leaving out sets in lexicographic order); the first of least
-    diameter wins."""
+    """Every subset of n - f rows; the least diameter wins, then the least sum of squared
+    distances."""
     n = len(x)
-    best, best_diameter = None, np.inf
+    best, best_key = None, None
     for removed in itertools.combinations(range(n), f):
         kept = [i for i in range(n) if i not in removed]
         with np.errstate(invalid="ignore", over="ignore"):
-            pairs = [np.sqrt(np.sum((x[i] - x[j]) ** 2)) for i in kept for j in kept]
-        diameter = max([np.inf if np.isnan(d) else d for d in pairs])
-        if best is None or diameter < best_diameter:
-            best, best_diameter = kept, diameter
+            pairs = [np.sum((x[i] - x[j]) ** 2) for i in kept for j in kept]
+        pairs = [np.inf if np.isnan(d) else d for d in pairs]
+        key = (max(pairs), sum(pairs))
+        if best is None or key < best_key:
+            best, best_key = kept, key
     return x[best].mean(axis=0)
+
+
+def ref_dnc(x, f, iterations=5, filter_frac=1.0):
+    """DnC when every coordinate is in the subsample (d <= sub_dim): all iterations agree."""
+    n = len(x)
+    removed = int(np.floor(filter_frac * f))
+    finite = np.all(np.isfinite(x), axis=1)
+    rows = np.where(finite[:, None], x, 0.0)
+    centred = np.where(finite[:, None], rows - rows[finite].mean(axis=0), 0.0)
+    top = np.linalg.svd(centred, full_matrices=False)[2][0]
+    scores = np.where(finite, (centred @ top) ** 2, np.inf)
+    kept = np.argsort(scores, kind="stable")[: n - removed]
+    return x[np.sort(kept)].mean(axis=0)
 
 
 def ref_geometric_median(x, iterations=4, nu=1e-5, init="median", weights=None):
@@ -249,6 +263,9 @@ CASES = [
     ("bulyan", {}, ref_bulyan, [(11, 2), (3, 0), (7, 1)]),
     ("bulyan", {"beta": 2}, lambda x, f: ref_bulyan(x, f, 2), [(11, 2)]),
     ("mda", {}, ref_mda, [(7, 2), (5, 1), (10, 3), (4, 0)]),
+    ("dnc", {"key": 0}, ref_dnc, [(9, 3), (5, 2), (12, 1)]),
+    ("dnc", {"key": 0, "filter_frac": 1.5, "iterations": 2},
+     lambda x, f: ref_dnc(x, f, 2, 1.5), [(11, 2)]),
     ("geometric_median", {}, lambda x, f: ref_geometric_median(x), [(9, 4), (5, 1)]),
     ("geometric_median", {"iterations": 8, "nu": 0.1, "init": "zero"},
      lambda x, f: ref_geometric_median(x, 8, 0.1, "zero"), [(6, 2)]),
@@ -334,6 +351,7 @@ ROBUST = {
     "multi_krum": ({}, 9, 3),
     "bulyan": ({}, 11, 2),
     "mda": ({}, 9, 3),
+    "dnc": ({"key": 0}, 9, 3),
     "geometric_median": ({}, 9, 4),
     "centered_clipping": ({"tau": 1.5}, 9, 4),
 }
@@ -384,7 +402,7 @@ def test_hostile_rows_stay_out(name, kind, seed):
         # MDA: the chosen rows are no farther apart than the honest ones, and include one.
         diameter = max(np.linalg.norm(a - b) for a in honest for b in honest)
         assert np.all(out >= low - diameter) and np.all(out <= high + diameter)
-    else:  # a mean of honest values per coordinate (or of honest rows, for multi-Krum)
+    else:  # a mean of honest values per coordinate (or of honest rows: multi-Krum, DnC)
         slack = 1e-6 * (1 + np.abs(honest).max())
         assert np.all(out >= low - slack) and np.all(out <= high + slack)
 
@@ -490,8 +508,8 @@ def test_vmap_over_a_batch_of_problems(name):
 
 def test_registry_round_trip():
     expected = {
-        "bulyan", "centered_clipping", "geometric_median", "krum", "mda", "meamed", "mean",
-        "median", "multi_krum", "sign_majority", "trimmed_mean",
+        "bulyan", "centered_clipping", "dnc", "geometric_median", "krum", "mda", "meamed",
+        "mean", "median", "multi_krum", "sign_majority", "trimmed_mean",
     }
     assert set(agg.names()) == expected
     assert list(agg.names()) == sorted(expected)
@@ -544,6 +562,11 @@ BAD_INPUT = [
     ("mda", _rows(6), {"f": 3}, r"mda: needs n > 2f; got n=6, f=3"),
     ("mda", _rows(40), {"f": 8}, r"mda: searches all C\(n, f\) subsets; got n=40, f=8: "
                                  r"C\(n, f\) = 76904685 > 250000.*use multi_krum"),
+    ("dnc", _rows(6), {"f": 3, "key": 0}, r"dnc: needs n > 2f; got n=6, f=3"),
+    ("dnc", _rows(6), {"f": 2, "key": 0, "filter_frac": -1.0}, r"dnc: needs 0 <= floor"),
+    ("dnc", _rows(6), {"f": 2, "key": 0, "sub_dim": 0}, r"dnc: sub_dim must be >= 1"),
+    ("dnc", _rows(6), {"f": 2, "key": 0, "iterations": 0}, r"dnc: iterations must be >= 1"),
+    ("dnc", _rows(6), {"f": 2, "sub_dim": 2}, r"dnc: needs a random key; got key=None"),
     ("sign_majority", _rows(4), {"zero_sign": -1}, r"sign_majority: unknown zero_sign=-1"),
     ("sign_majority", _rows(4), {"f": 2}, r"sign_majority: needs n > 2f"),
 ]
@@ -566,3 +589,30 @@ def test_bad_pytrees(name):
         rule(mismatched, f=f, **hparams)
     with pytest.raises(ValueError, match=f"{name}: got an empty pytree"):
         rule({}, f=f, **hparams)
+
+
+# ------------------------------------------------------------------------------------------------
+# DnC on random coordinate subsamples (d > sub_dim).
+
+
+def test_dnc_subsample_takes_the_same_coordinates_of_every_leaf():
+    rng = np.random.default_rng(11)
+    updates = make_updates(rng, 6, "tree", jnp.float32)  # 12 + 5 coordinates per worker
+    key = jax.random.key(3)
+    got = np.asarray(agg._sampled_columns(updates, key, 9))
+    picks = np.asarray(jax.random.randint(key, (9,), 0, 17))
+    np.testing.assert_array_equal(got, ravel(updates)[:, picks].astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dnc_with_subsamples_filters_far_rows(seed):
+    rng = np.random.default_rng(seed)
+    honest = rng.normal(0.0, 1.0, (10, 3000))
+    byzantine = -5.0 * honest.mean(axis=0) + rng.normal(0.0, 1.0, (2, 3000)) + 4.0
+    x = jnp.asarray(np.concatenate([honest, byzantine]), jnp.float32)
+    run_once = jax.jit(lambda x, key: agg.dnc(x, f=2, key=key, sub_dim=200))
+    out = np.asarray(run_once(x, jax.random.key(seed)))
+    again = np.asarray(run_once(x, jax.random.key(seed)))
+    np.testing.assert_array_equal(out, again)  # same key, same subsamples
+    # A mean of honest rows only: every coordinate inside the honest range.
+    assert np.all(out >= honest.min(axis=0) - 1e-5) and np.all(out <= honest.max(axis=0) + 1e-5)

@@ -109,7 +109,8 @@ def test_rule_collective_equals_stacked(rule):
 def _coordinate_rules():
     nnm_krum = pre.compose(functools.partial(pre.nnm, f=2), functools.partial(aggregators.krum,
                                                                               f=2))
-    rules = {name: (name, {"f": 2}) for name in aggregators.names() if name != "bulyan"}
+    rules = {name: (name, {"f": 2}) for name in aggregators.names()
+             if aggregators.supports_coordinate_layout(aggregators.get(name))}
     rules["bulyan"] = ("bulyan", {"f": 1})  # n = 8 >= 4f + 3
     rules["centered_clipping"] = ("centered_clipping", {"f": 2, "tau": 0.5, "iterations": 2})
     rules["nnm+krum"] = (nnm_krum, {})
@@ -203,6 +204,8 @@ def test_custom_coordinatewise_rule_may_use_the_coordinate_layout():
          r"aggregate: layout='coordinates' splits the coordinates .* pass axis_name="),
         (lambda: transforms.aggregate("median", axis_name=AXIS, layout="rows"),
          r"aggregate: unknown layout 'rows'"),
+        (lambda: transforms.aggregate("dnc", f=1, key=0, axis_name=AXIS, layout="coordinates"),
+         r"aggregate: layout='coordinates' needs .* but dnc.* dnc is none of these"),
     ],
 )
 def test_coordinate_layout_misuse_is_a_clear_error(make, message):

@@ -47,6 +47,7 @@ from rbyz._src import tree as tree_util
 __all__ = (
     "bulyan",
     "centered_clipping",
+    "dnc",
     "geometric_median",
     "get",
     "krum",
@@ -475,16 +476,17 @@ def _removal_sets(n: int, f: int) -> np.ndarray:
     return np.array(list(itertools.combinations(range(n), f)), np.int32).reshape(math.comb(n, f), f)
 
 
-def _subset_diameters(dist: jax.Array, kept: jax.Array) -> jax.Array:
-    """``[C]``: the largest entry of ``dist`` between two rows kept by each mask of ``kept``."""
+def _subset_spreads(dist: jax.Array, kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``([C], [C])``: the largest entry and the sum of the entries of ``dist`` between rows kept
+    by each mask of ``kept``."""
     n = dist.shape[0]
 
-    def diameter(mask):
-        both = mask[:, None] & mask[None, :]
-        return jnp.max(jnp.where(both, dist, 0.0))
+    def spread(mask):
+        inside = jnp.where(mask[:, None] & mask[None, :], dist, 0.0)
+        return jnp.max(inside), jnp.sum(inside)
 
     # About 4M distance entries per batch bounds the temporary memory.
-    return jax.lax.map(diameter, kept, batch_size=max(1, (1 << 22) // (n * n)))
+    return jax.lax.map(spread, kept, batch_size=max(1, (1 << 22) // (n * n)))
 
 
 @_register
@@ -494,8 +496,9 @@ def mda(updates, *, f: int):
     ``agg = (1/(n-f)) sum_{i in S*} g_i`` with
     ``S* = argmin_{|S| = n-f} max_{i, j in S} ||g_i - g_j||``, searched exhaustively over the
     ``C(n, f)`` subsets (``MDA_MAX_SUBSETS`` at most: about ``n = 25, f = 5`` or
-    ``n = 51, f = 4``; Multi-Krum is the quadratic-time relative). Equal diameters go to the
-    subset that leaves out the lexicographically first set of rows. Needs ``n > 2f``. Rows
+    ``n = 51, f = 4``; Multi-Krum is the quadratic-time relative). Equal diameters are common
+    (subsets that share their farthest pair): they go to the subset with the smaller sum of
+    squared distances, so that the workers' order does not decide. Needs ``n > 2f``. Rows
     holding NaN/Inf are at infinite distance from the others, so with at most ``f`` of them the
     chosen subset is finite; in general its diameter is at most the honest rows' (they form a
     candidate) and it holds at least ``n - 2f >= 1`` honest rows, so every row it averages lies
@@ -530,9 +533,108 @@ def mda(updates, *, f: int):
     )
     removed = jnp.asarray(_removal_sets(n, f))
     kept = ~jnp.any(removed[:, :, None] == jnp.arange(n)[None, None, :], axis=1)  # [C, n]
-    diameters = _subset_diameters(distances.pairwise_sq_distances(updates), kept)
-    weights = kept[jnp.argmin(diameters)].astype(jnp.float32)
+    diameters, totals = _subset_spreads(distances.pairwise_sq_distances(updates), kept)
+    best = jnp.lexsort((totals, diameters))[0]
+    weights = kept[best].astype(jnp.float32)
     return _cast_like(_weighted_mean(updates, weights, n - f), updates)
+
+
+def _sampled_columns(updates, key: jax.Array, count: int) -> jax.Array:
+    """``[n, count]`` float32: the same ``count`` coordinates of every worker's whole update,
+    drawn uniformly (with replacement) over all leaves; every coordinate when there are at most
+    ``count``."""
+    flat = [leaf.reshape(leaf.shape[0], -1) for leaf in tree_util.leaves(updates)]
+    total = sum(x.shape[1] for x in flat)
+    if total <= count:
+        return jnp.concatenate([x.astype(jnp.float32) for x in flat], axis=1)
+    picks = jax.random.randint(key, (count,), 0, total)
+    columns, start = 0.0, 0
+    for x in flat:  # each pick lands in exactly one leaf
+        inside = (picks >= start) & (picks < start + x.shape[1])
+        local = jnp.clip(picks - start, 0, x.shape[1] - 1)
+        columns = columns + jnp.where(inside, x[:, local].astype(jnp.float32), 0.0)
+        start += x.shape[1]
+    return columns
+
+
+def _dnc_kept(sample: jax.Array, finite: jax.Array, removed: int) -> jax.Array:
+    """``[n]`` bool: the rows whose squared projection on the top singular vector of the centred
+    ``sample`` is among the ``n - removed`` smallest; non-finite rows score ``+inf``."""
+    n = sample.shape[0]
+    rows = jnp.where(finite[:, None], sample, 0.0)
+    center = jnp.sum(rows, axis=0) / jnp.maximum(jnp.sum(finite.astype(jnp.float32)), 1.0)
+    centred = jnp.where(finite[:, None], rows - center[None, :], 0.0)
+    # The singular vector does not depend on the scale; dividing by the largest entry keeps rows
+    # near 1e30 from overflowing inside the SVD.
+    scale = jnp.max(jnp.abs(centred))
+    centred = centred / jnp.where(scale > 0, scale, 1.0)
+    top = jnp.linalg.svd(centred, full_matrices=False)[2][0]
+    scores = jnp.where(finite, jnp.square(centred @ top), jnp.inf)
+    order = jnp.argsort(scores, stable=True)
+    return jnp.zeros((n,), bool).at[order[: n - removed]].set(True)
+
+
+@_register
+def dnc(updates, *, f: int, key=None, sub_dim: int = 10_000, iterations: int = 5,
+        filter_frac: float = 1.0):
+    """Divide-and-Conquer: filter outliers along the top singular direction of random subsamples.
+
+    ``iterations`` times: draw ``sub_dim`` coordinates ``r`` at random, centre the rows' values
+    on them at their mean, take the top right singular vector ``v`` of the centred ``[n, b]``
+    matrix, score ``s_i = <x_i[r] - mu, v>^2``, keep the ``n - floor(filter_frac f)`` rows with
+    the smallest scores. The output is the mean of the rows kept in every iteration. Needs
+    ``n > 2f``; rows holding NaN/Inf score ``+inf`` (removed first) and are left out of the mean
+    ``mu``. Coordinates are drawn uniformly over all leaves, with replacement (for
+    ``sub_dim << d`` duplicates are rare); with ``d <= sub_dim`` all coordinates are used.
+
+    Defaults follow Blades' implementation (``sub_dim=10000``, ``iterations=5``,
+    ``filter_frac=1.0``). Not available with ``layout="coordinates"``: the subsample spans every
+    coordinate.
+
+    Args:
+      updates: stacked pytree, every leaf ``[n, ...]``.
+      f: number of Byzantine workers, ``n > 2f``.
+      key: int seed or JAX key for the coordinate subsamples (required when ``d > sub_dim``).
+      sub_dim: coordinates per subsample ``b >= 1``.
+      iterations: subsamples drawn, ``>= 1``.
+      filter_frac: ``c``, rows removed per iteration ``floor(c f)``, with ``0 <= c f < n``.
+
+    Returns:
+      A pytree like one worker's update.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> g = jnp.array([[1.0, 0.0], [1.2, 0.2], [0.8, -0.2], [1.0, 0.1], [-9.0, 9.0]])
+      >>> dnc(g, f=1, key=0)
+      Array([1.   , 0.025], dtype=float32)
+
+    References:
+      Shejwalkar, Houmansadr, `Manipulating the Byzantine: Optimizing Model Poisoning Attacks and
+      Defenses for Federated Learning`, NDSS 2021.
+    """
+    n, f = _majority_setup(updates, f, "dnc")
+    sub_dim = checks.static_int(sub_dim, "dnc", "sub_dim", minimum=1)
+    iterations = checks.static_int(iterations, "dnc", "iterations", minimum=1)
+    removed = math.floor(filter_frac * f)
+    checks.require(
+        0 <= filter_frac and removed < n,
+        "dnc",
+        f"needs 0 <= floor(filter_frac f) < n; got filter_frac={filter_frac}, f={f}, n={n}.",
+    )
+    total = sum(math.prod(leaf.shape[1:]) for leaf in tree_util.leaves(updates))
+    if total > sub_dim:
+        key = checks.as_key(key, "dnc")
+    finite = tree_util.finite_rows(updates)
+    kept = jnp.ones((n,), bool)
+    for step in range(iterations):
+        step_key = None if total <= sub_dim else jax.random.fold_in(key, step)
+        sample = _sampled_columns(updates, step_key, sub_dim)
+        kept = kept & _dnc_kept(sample, finite, removed)
+    weights = kept.astype(jnp.float32)
+    return _cast_like(_weighted_mean(updates, weights, jnp.sum(weights)), updates)
+
+
+dnc.coordinate_slices = False  # its subsamples span every coordinate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -775,7 +877,7 @@ def names() -> tuple[str, ...]:
 
     Example:
       >>> names()[:3]
-      ('bulyan', 'centered_clipping', 'geometric_median')
+      ('bulyan', 'centered_clipping', 'dnc')
     """
     return _REGISTRY.names()
 
@@ -785,7 +887,8 @@ def supports_coordinate_layout(rule: Callable) -> bool:
 
     That is what ``rbyz.transforms.aggregate(..., layout="coordinates")`` runs: every device
     receives all workers' values on ``1/S`` of the coordinates and aggregates that slice. True
-    for every rule of this module: coordinate-wise rules need nothing else, and the others reduce
+    for every rule of this module but :func:`dnc` (its random subsamples span all coordinates):
+    coordinate-wise rules need nothing else, and the others reduce
     over coordinates (norms, distances, finiteness of a whole update) only through rbyz's
     kernels, which complete those sums over the devices, so that every device makes the same
     selection or weighting. True for :func:`rbyz.preaggregators.compose` of built-in stages, and
@@ -800,6 +903,7 @@ def supports_coordinate_layout(rule: Callable) -> bool:
     """
     while isinstance(rule, functools.partial):
         rule = rule.func
-    if getattr(rule, "coordinate_slices", False) is True:
-        return True
+    declared = getattr(rule, "coordinate_slices", None)
+    if declared is not None:
+        return declared is True
     return any(rule is get(name) for name in names())

@@ -27,7 +27,7 @@ import numpy as np
 from rbyz import aggregators
 from rbyz import attacks
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "meamed", "krum", "multi_krum", "mda",
+AGGREGATORS = ("mean", "median", "trimmed_mean", "meamed", "krum", "multi_krum", "mda", "dnc",
                "geometric_median", "centered_clipping", "bulyan")
 
 
@@ -71,6 +71,8 @@ def aggregator_fn(name: str, f: int):
         # One call from a zero centre stands in for many rounds of the stateful rule: tau=10 as in
         # Karimireddy et al.'s MNIST runs, enough iterations to travel from 0 to the honest mean.
         hparams.update(tau=10.0, iterations=20)
+    if name == "dnc":
+        hparams.update(key=0)  # the coordinate subsamples
     return jax.jit(functools.partial(rule, **hparams))
 
 

@@ -204,8 +204,9 @@ def aggregate(
         aggregates that slice; whole-update norms and distances are summed over the shards
         (a ``psum`` of ``[n]`` or ``[n, n]`` values), so every shard selects and weights alike;
         the slices are joined (``all_gather``). The same numbers (up to float rounding of the
-        distance sums) for ``1/S`` of the compute and memory per shard. Any rule of
-        :mod:`rbyz.aggregators` (see :func:`rbyz.aggregators.supports_coordinate_layout`).
+        distance sums) for ``1/S`` of the compute and memory per shard. Every rule of
+        :mod:`rbyz.aggregators` but ``dnc`` (see
+        :func:`rbyz.aggregators.supports_coordinate_layout`).
       key: int seed or jax key, for rules that take a ``key``.
       **hparams: passed to the rule (``f=...``, ``tau=...``, ...).
 
@@ -283,9 +284,9 @@ def _check_layout(layout: str, rule: Rule, axis_name: str | None) -> None:
     checks.require(
         aggregators.supports_coordinate_layout(rule),
         "aggregate",
-        f"layout='coordinates' needs a rule that runs on slices of the coordinates (any rule of "
-        f"rbyz.aggregators, a compose() of built-in stages, or a coordinate-wise rule of your own "
-        f"marked coordinate_slices = True); {_rule_name(rule)} is none of these. Use "
+        f"layout='coordinates' needs a rule that runs on slices of the coordinates (every rule "
+        f"of rbyz.aggregators but dnc, a compose() of built-in stages, or a coordinate-wise rule "
+        f"of your own marked coordinate_slices = True); {_rule_name(rule)} is none of these. Use "
         "layout='gather'.",
     )
 
