@@ -616,3 +616,13 @@ def test_dnc_with_subsamples_filters_far_rows(seed):
     np.testing.assert_array_equal(out, again)  # same key, same subsamples
     # A mean of honest rows only: every coordinate inside the honest range.
     assert np.all(out >= honest.min(axis=0) - 1e-5) and np.all(out <= honest.max(axis=0) + 1e-5)
+
+
+def test_dnc_when_no_row_survives_every_subsample_keeps_the_first_ones():
+    # One coordinate per subsample: each iteration removes the rows farthest on another
+    # coordinate, and with n = 5, f = 2 over 5 iterations the intersection is empty.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 400)), jnp.float32)
+    out = np.asarray(agg.dnc(x, f=2, key=0, sub_dim=1, iterations=5))
+    assert np.all(np.isfinite(out))
+    means = [np.asarray(x)[list(rows)].mean(axis=0) for rows in itertools.combinations(range(5), 3)]
+    assert any(np.allclose(out, m, rtol=1e-5, atol=1e-6) for m in means)

@@ -582,7 +582,8 @@ def dnc(updates, *, f: int, key=None, sub_dim: int = 10_000, iterations: int = 5
     ``iterations`` times: draw ``sub_dim`` coordinates ``r`` at random, centre the rows' values
     on them at their mean, take the top right singular vector ``v`` of the centred ``[n, b]``
     matrix, score ``s_i = <x_i[r] - mu, v>^2``, keep the ``n - floor(filter_frac f)`` rows with
-    the smallest scores. The output is the mean of the rows kept in every iteration. Needs
+    the smallest scores. The output is the mean of the rows kept in every iteration (of those
+    kept in the first, if no row survives them all, which the paper leaves open). Needs
     ``n > 2f``; rows holding NaN/Inf score ``+inf`` (removed first) and are left out of the mean
     ``mu``. Coordinates are drawn uniformly over all leaves, with replacement (for
     ``sub_dim << d`` duplicates are rare); with ``d <= sub_dim`` all coordinates are used.
@@ -625,12 +626,14 @@ def dnc(updates, *, f: int, key=None, sub_dim: int = 10_000, iterations: int = 5
     if total > sub_dim:
         key = checks.as_key(key, "dnc")
     finite = tree_util.finite_rows(updates)
-    kept = jnp.ones((n,), bool)
-    for step in range(iterations):
-        step_key = None if total <= sub_dim else jax.random.fold_in(key, step)
-        sample = _sampled_columns(updates, step_key, sub_dim)
-        kept = kept & _dnc_kept(sample, finite, removed)
-    weights = kept.astype(jnp.float32)
+    kept_each = [
+        _dnc_kept(_sampled_columns(updates, None if total <= sub_dim else
+                                   jax.random.fold_in(key, step), sub_dim), finite, removed)
+        for step in range(iterations)
+    ]
+    kept = functools.reduce(jnp.logical_and, kept_each)
+    # Different subsamples may remove every row between them: keep the first one's rows then.
+    weights = jnp.where(jnp.any(kept), kept, kept_each[0]).astype(jnp.float32)
     return _cast_like(_weighted_mean(updates, weights, jnp.sum(weights)), updates)
 
 
