@@ -159,6 +159,14 @@ def local_grad(
     return worker_grad
 
 
+def _coordinate_blocks(rows: jax.Array, shards: int) -> jax.Array:
+    """``[S, m, c]``: the ``[m, D]`` rows zero-padded to ``S c`` columns, ``c = ceil(D / S)``,
+    block ``j`` holding columns ``[j c, (j + 1) c)``."""
+    width = -(-rows.shape[1] // shards)
+    padded = jnp.pad(rows, ((0, 0), (0, shards * width - rows.shape[1])))
+    return padded.reshape(rows.shape[0], shards, width).swapaxes(0, 1)
+
+
 def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False):
     """Every worker's values on this shard's share of the coordinates (one ``all_to_all``).
 
@@ -191,16 +199,12 @@ def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False):
     in_shard_map = _inside_shard_map(axis_name, "scatter_coordinates")
 
     def scatter(leaf):
-        rows = leaf.reshape(leaf.shape[0] if tiled else 1, -1)
-        size = rows.shape[1]
-        width = -(-size // shards)
-        rows = jnp.pad(rows, ((0, 0), (0, shards * width - size)))
-        blocks = rows.reshape(rows.shape[0], shards, width).swapaxes(0, 1)  # [S, m, c]
+        blocks = _coordinate_blocks(leaf.reshape(leaf.shape[0] if tiled else 1, -1), shards)
         if in_shard_map:
             blocks = _as_varying(blocks, axis_name)
         # Block j goes to shard j; the blocks received are stacked in shard order.
         received = jax.lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)
-        return received.reshape(-1, width)
+        return received.reshape(-1, blocks.shape[-1])
 
     return jax.tree.map(scatter, tree)
 
@@ -223,13 +227,8 @@ def slice_coordinates(tree, axis_name: str = WORKERS):
     shards = _axis_size(axis_name, "slice_coordinates")
     index = jax.lax.axis_index(axis_name)
 
-    def cut(leaf):
-        flat = leaf.reshape(-1)
-        width = -(-flat.shape[0] // shards)
-        blocks = jnp.pad(flat, (0, shards * width - flat.shape[0])).reshape(shards, width)
-        return blocks[index]
-
-    return jax.tree.map(cut, tree)
+    return jax.tree.map(lambda leaf: _coordinate_blocks(leaf.reshape(1, -1), shards)[index, 0],
+                        tree)
 
 
 def gather_coordinates(slices, like, axis_name: str = WORKERS):
