@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
-import inspect
 import math
 import os
 import platform
@@ -257,32 +256,29 @@ def byzfl_rules(modules, f: int, n: int) -> dict[str, Callable]:
 # ----------------------------------------------------------------------------- rbyz
 
 
-def feasible_f(rule: Callable, x, f: int) -> int | None:
-    """The largest ``f' <= f`` that ``rule`` accepts for this n (e.g. Bulyan needs n >= 4f+3)."""
-    for candidate in range(f, -1, -1):
-        try:
-            jax.eval_shape(functools.partial(rule, f=candidate), x)
-            return candidate
-        except ValueError:
-            continue
-    return None
+def feasible_f(declared, n: int, f: int) -> int | None:
+    """The largest ``f' <= f`` the rule's declared constraint admits for this n (e.g. Bulyan
+    needs n >= 4f + 3)."""
+    return next((c for c in range(f, -1, -1) if declared.constraint.explain(n, c) is None), None)
 
 
 def rbyz_rules(x, f: int) -> dict[str, tuple[Callable, int]]:
-    """``name -> (jitted fn(x), f used)`` for the aggregators, pre-aggregators, compositions."""
+    """``name -> (jitted fn(x), f used)`` for the aggregators, pre-aggregators, compositions,
+    built from the declarations (keys for rules that declare one, f from the constraint)."""
     rules = {}
     key = jax.random.key(0)
-    for name in agg.names():
-        rule = agg.get(name)
-        if "key" in inspect.signature(rule).parameters:  # DnC's random subsamples
-            rule = functools.partial(rule, key=key)
-        f_rule = feasible_f(rule, x, f)
-        if f_rule is not None:
-            rules[name] = (jax.jit(functools.partial(rule, f=f_rule)), f_rule)
-    rules["pre:nnm"] = (jax.jit(functools.partial(pre.nnm, f=f)), f)
-    rules["pre:bucketing"] = (jax.jit(lambda u: pre.bucketing(u, key=key, s=2)), f)
-    rules["pre:arc"] = (jax.jit(functools.partial(pre.arc, f=f)), f)
-    rules["pre:clip"] = (jax.jit(functools.partial(pre.clip, max_norm=1.0)), f)
+    n = x.shape[0]
+    for declared in agg.specs():
+        f_rule = feasible_f(declared, n, f)
+        if f_rule is None:
+            continue
+        extra = {"key": key} if declared.key else {}
+        rules[declared.name] = (jax.jit(functools.partial(declared.fn, f=f_rule, **extra)), f_rule)
+    settings = {"nnm": {"f": f}, "bucketing": {"s": 2}, "arc": {"f": f}, "clip": {"max_norm": 1.0}}
+    for declared in pre.specs():
+        extra = {"key": key} if declared.key else {}
+        rules[f"pre:{declared.name}"] = (
+            jax.jit(functools.partial(declared.fn, **settings[declared.name], **extra)), f)
     nnm_krum = pre.compose(functools.partial(pre.nnm, f=f), functools.partial(agg.krum, f=f))
     bucket_median = pre.compose(functools.partial(pre.bucketing, s=2), agg.median)
     rules["nnm+krum"] = (jax.jit(nnm_krum), f)

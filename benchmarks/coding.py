@@ -25,6 +25,7 @@ import numpy as np
 from rbyz import aggregators, coding
 
 N, R, F = 45, 3, 5
+KEY = 0  # the seed of DETOX's stage-2 permutation
 
 
 def _grouped_updates(d: int, seed: int = 0) -> jax.Array:
@@ -40,8 +41,10 @@ def _rules() -> dict:
         "mean (memory floor)": functools.partial(aggregators.mean),
         "multi_krum (n=45, f=5)": functools.partial(aggregators.multi_krum, f=F),
         "bulyan (n=45, f=5)": functools.partial(aggregators.bulyan, f=F),
-        "detox median-of-means (r=3)": functools.partial(coding.detox, f=F, r=R),
-        "detox multi_krum (r=3)": functools.partial(coding.detox, f=F, r=R, stage2="multi_krum"),
+        # As the DETOX reference, median-of-means and multi_krum permute the winners each step.
+        "detox median-of-means (r=3)": functools.partial(coding.detox, f=F, r=R, key=KEY),
+        "detox multi_krum (r=3)": functools.partial(coding.detox, f=F, r=R, stage2="multi_krum",
+                                                    key=KEY),
         "detox bulyan (r=3)": functools.partial(coding.detox, f=F, r=R, stage2="bulyan"),
     }
 

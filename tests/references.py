@@ -6,8 +6,11 @@ is written plainly (loops, ``np.sort``), independently of rbyz's kernels.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 
+import jax
 import numpy as np
 
 # ------------------------------------------------------------------------------------------------
@@ -175,3 +178,168 @@ def ref_sign_majority(x, zero_sign=0):
     votes = np.where(x > 0, 1.0, np.where(x < 0, -1.0, float(zero_sign)))
     tally = votes.sum(axis=0)
     return np.where(tally > 0, 1.0, np.where(tally < 0, -1.0, float(zero_sign)))
+
+
+
+# ------------------------------------------------------------------------------------------------
+# rbyz.aggregators: every registered aggregator's reference, at its declared defaults.
+#
+# float64() switches jax_enable_x64 on inside a block only, so that the rest of the suite keeps
+# JAX's defaults (``jax.enable_x64``, the config context manager of jax 0.10 and later; the old
+# ``jax.experimental.enable_x64`` is gone).
+#
+# REFERENCES[name](x, f, state) -> float64 [D]: ``x`` the float64 [n, D] matrix of the ravelled
+# updates, ``f`` the Byzantine count, ``state`` the ravelled state the rule declares (centered
+# clipping's centre) or None. The registry-driven tests (tests/test_aggregator_properties.py)
+# fail for a registered aggregator that has no entry here. DnC's entry holds when every
+# coordinate is in the subsample (D <= sub_dim, the default 10 000).
+
+@contextlib.contextmanager
+def float64():
+    """``jax_enable_x64`` inside the block only (jitted functions compile apart under it)."""
+    with jax.enable_x64(True):
+        yield
+
+
+REFERENCES = {
+    "bulyan": lambda x, f, state: ref_bulyan(x, f),
+    "centered_clipping": lambda x, f, state: ref_centered_clipping(x, state),
+    "dnc": lambda x, f, state: ref_dnc(x, f),
+    "geometric_median": lambda x, f, state: ref_geometric_median(x),
+    "krum": lambda x, f, state: ref_krum(x, f),
+    "mda": lambda x, f, state: ref_mda(x, f),
+    "meamed": lambda x, f, state: ref_meamed(x, f),
+    "mean": lambda x, f, state: ref_mean(x),
+    "median": lambda x, f, state: ref_median(x),
+    "multi_krum": lambda x, f, state: ref_multi_krum(x, f),
+    "sign_majority": lambda x, f, state: ref_sign_majority(x),
+    "trimmed_mean": lambda x, f, state: ref_trimmed_mean(x, f),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Coding defences (rbyz.coding): group votes, hierarchical aggregation, Election Coding and the
+# failure analysis. Group rules take one worker per row of a [n, D] matrix, as above.
+
+
+def ref_group_vote(x, r, fallback="median"):
+    """[n, D] -> [n / r, D]: per group of r consecutive rows, a member equal to more than r / 2
+    members (itself included), else the median (or Boyer-Moore's last candidate)."""
+    out = []
+    for g in range(len(x) // r):
+        group = x[g * r:(g + 1) * r]
+        same = [[a == b or np.array_equal(group[a], group[b]) for b in range(r)]
+                for a in range(r)]
+        if fallback == "boyer_moore":
+            candidate, count = 0, 1
+            for a in range(1, r):
+                if count == 0:
+                    candidate, count = a, 1
+                elif same[candidate][a]:
+                    count += 1
+                else:
+                    count -= 1
+            out.append(group[candidate])
+        else:
+            winners = [a for a in range(r) if sum(same[a]) >= r // 2 + 1]
+            out.append(group[winners[0]] if winners else ref_median(group))
+    return np.stack(out)
+
+
+def ref_hierarchical(x, inner, outer, buckets):
+    """``outer`` of the ``inner`` results of ``np.array_split(x, buckets)``."""
+    return outer(np.stack([inner(b) for b in np.array_split(x, buckets)]))
+
+
+def ref_median_of_means(x, buckets):
+    return ref_hierarchical(x, ref_mean, ref_median, buckets)
+
+
+def ref_election_vote(S, G, byzantine, attack):
+    """S: [k, D] partition gradients; the loops of the paper's code. ``attack``: "reverse"
+    (a Byzantine worker negates its message) or "directional" (it sends -1)."""
+    n, k = G.shape
+    messages = np.zeros((n, S.shape[1]))
+    for j in range(n):
+        total = np.zeros(S.shape[1])
+        for i in range(k):
+            if G[j, i]:
+                total += np.sign(S[i])
+        messages[j] = np.sign(total)
+    for j in byzantine:
+        messages[j] = -messages[j] if attack == "reverse" else -1.0
+    return np.sign(messages.sum(axis=0))
+
+
+def ref_vote_failures(G, b):
+    """(failures, trials) over every sign pattern with a decided majority and every b-subset."""
+    n, k = G.shape
+    failures = trials = 0
+    for pattern in itertools.product((-1.0, 1.0), repeat=k):
+        s = np.array(pattern)
+        mu = np.sign(s.sum())
+        if mu == 0:
+            continue
+        honest = np.sign(G @ s)
+        for bad in itertools.combinations(range(n), b):
+            m = honest.copy()
+            m[list(bad)] = -mu
+            trials += 1
+            failures += np.sign(m.sum()) != mu
+    return failures, trials
+
+
+def ref_bad_groups(n, r, f):
+    """(E[# groups with >= ceil(r/2) Byzantine members], P(any)) over every placement of f."""
+    groups = np.arange(n) // r
+    bad_counts = []
+    for placement in itertools.combinations(range(n), f):
+        per_group = np.bincount(groups[list(placement)], minlength=n // r)
+        bad_counts.append(int(np.sum(per_group >= -(-r // 2))))
+    return np.mean(bad_counts), np.mean(np.array(bad_counts) > 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-aggregators (rbyz.preaggregators): one worker per row of a [n, D] matrix, [n', D] out.
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_hostile(row):
+    """A row the rules treat as unmeasurable: non-finite, or a float32-overflowing norm."""
+    return not np.all(np.isfinite(row)) or float(np.sum(row * row)) > F32_MAX
+
+
+def ref_nnm(x, f):
+    n = x.shape[0]
+    dist = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                hostile = is_hostile(x[i]) or is_hostile(x[j])
+                dist[i, j] = np.inf if hostile else np.sum((x[i] - x[j]) ** 2)
+    out = np.zeros_like(x)
+    for i in range(n):
+        order = sorted(range(n), key=lambda j: (j != i, dist[i, j], j))[: n - f]
+        out[i] = np.mean(x[order], axis=0)
+    return out
+
+
+def ref_clip(x, c):
+    out = np.zeros_like(x)
+    for i, row in enumerate(x):
+        if not is_hostile(row):
+            out[i] = row * min(1.0, c / max(np.linalg.norm(row), 1e-300))
+    return out
+
+
+def ref_arc(x, f):
+    n = x.shape[0]
+    k = math.floor(2 * (f / n) * (n - f) + 1e-9)
+    norms = sorted(np.inf if is_hostile(row) else np.linalg.norm(row) for row in x)
+    return ref_clip(x, norms[n - k - 1])
+
+
+def ref_bucketing(x, perm, s):
+    permuted = x[np.asarray(perm)]
+    return np.stack([permuted[b: b + s].mean(axis=0) for b in range(0, x.shape[0], s)])

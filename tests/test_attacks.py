@@ -1,9 +1,12 @@
-"""Tests of rbyz.attacks against float64 NumPy references, and the defences they break or not."""
+"""Tests of rbyz.attacks against float64 NumPy references, the defences they break or not, the
+scale search, the injection path and bad input. Registry-wide properties: test_attack_properties.py.
+"""
 
 from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,8 +78,43 @@ ALIE_TABLE = [
 
 @pytest.mark.parametrize("n,m,z1,z2", ALIE_TABLE)
 def test_alie_z_matches_table(n, m, z1, z2):
+    assert attacks.alie_z(n, m) == pytest.approx(z1, abs=6e-4)  # v1, the paper's Algorithm 1
     assert attacks.alie_z(n, m, variant="v1") == pytest.approx(z1, abs=6e-4)
     assert attacks.alie_z(n, m, variant="v2") == pytest.approx(z2, abs=6e-4)
+
+
+def test_alie_default_is_the_papers_v1():
+    honest = make_tree(8, seed=3)
+    out = attacks.alie(honest, f=2, n=10)
+    expected = attacks.alie(honest, f=2, z=attacks.alie_z(10, 2, variant="v1"))
+    chex.assert_trees_all_close(out, expected)
+    assert attacks.spec("alie").hparams["variant"] == "v1"
+    assert "v1" in attacks.spec("alie").note and "v2" in attacks.spec("alie").note
+
+
+@pytest.mark.parametrize("n,f,variant,formula,advice", [
+    (10, 2, "v2", "q_v2 = (n - f - s)/(n - f) = 4/8", "variant='v1', which gives z=0.253"),
+    (12, 2, "v2", "q_v2 = (n - f - s)/(n - f) = 5/10", "variant='v1', which gives z=0.210"),
+    (10, 1, "v1", "q_v1 = (n - s)/n = 5/10", "Pass z=..."),
+])
+def test_alie_refuses_z_not_positive(n, f, variant, formula, advice):
+    honest = make_tree(n - f)
+    with pytest.raises(ValueError) as err:
+        attacks.alie(honest, f=f, n=n, variant=variant)
+    message = str(err.value)
+    for part in (f"n={n}, f={f}", formula, f"variant={variant!r}", advice, "z=..."):
+        assert part in message, (part, message)
+    # The same through the injection path that transforms.byzantine and the harness use.
+    with pytest.raises(ValueError, match=f"n={n}, f={f}"):
+        attacks.attack_rows("alie", honest, f=f, n=n, hparams={"variant": variant})
+    if variant == "v1":
+        assert "variant='v2'" not in message  # v2 gives no positive z here either
+
+
+@pytest.mark.parametrize("z", [0.0, -1.5])
+def test_alie_refuses_a_given_z_not_positive(z):
+    with pytest.raises(ValueError, match=r"alie: needs z > 0"):
+        attacks.alie(make_tree(4), f=1, z=z)
 
 
 @pytest.mark.parametrize("h", [3, 7])
@@ -293,9 +331,82 @@ def test_adaptive_beats_every_grid_scale(name, fixed, aggregator):
 def test_adaptive_grid_only_returns_a_grid_scale():
     honest = make_tree(6, seed=2)["w"]
     out = attacks.ipm_adaptive(honest, f=2, aggregator=agg_mean, scales=(0.5, 3.0),
-                               refine_steps=0)
+                               refine_steps=0, max_scale=3.0)
     np.testing.assert_allclose(np.asarray(out[0]), -3.0 * np.asarray(honest).mean(0),
                                rtol=1e-5)
+    found = attacks.ipm_adaptive_search(honest, f=2, aggregator=agg_mean, scales=(0.5, 3.0),
+                                        refine_steps=0, max_scale=3.0)
+    assert float(found.scale) == 3.0 and bool(found.at_end)  # the grid's top was the best
+
+
+ADAPTIVE = [
+    ("alie_adaptive", attacks.alie_adaptive_search, lambda g, f, s: attacks.alie(g, f=f, z=s)),
+    ("ipm_adaptive", attacks.ipm_adaptive_search, lambda g, f, s: attacks.ipm(g, f=f, epsilon=s)),
+]
+
+
+@pytest.mark.parametrize("name,search,fixed", ADAPTIVE)
+def test_adaptive_against_the_mean_runs_to_the_cap(name, search, fixed):
+    """The mean has no worst case: the search extends to max_scale and says it hit the end
+    (ByzFL's optimal attacks reach 1e7 here; the old grid stopped at 100)."""
+    f = 3
+    honest = make_tree(9, seed=1, offset=0.3)
+    found = jax.jit(functools.partial(search, f=f, aggregator=aggregators.mean))(honest)
+    assert float(found.scale) >= 1e7
+    assert float(found.scale) == pytest.approx(attacks.MAX_SCALE, rel=1e-6)
+    assert bool(found.at_end)
+    rows = attacks.get(name)(honest, f=f, aggregator=aggregators.mean)
+    chex.assert_trees_all_close(rows, fixed(honest, f, found.scale), rtol=1e-5)
+    small = distance_to_mean(agg_mean, honest["b"], fixed(honest, f, 100.0)["b"])
+    assert distance_to_mean(agg_mean, honest["b"], rows["b"]) > 1e6 * small
+
+
+@pytest.mark.parametrize("name,search,fixed", ADAPTIVE)
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+def test_adaptive_against_robust_rules_stops_inside_the_range(name, search, fixed, aggregator):
+    f = 3
+    agg = {"median": agg_median, "trimmed_mean": functools.partial(agg_trimmed_mean, f=f)}
+    agg = agg[aggregator]
+    honest = make_tree(9, seed=1, offset=0.3)["b"]
+    found = jax.jit(functools.partial(search, f=f, aggregator=agg))(honest)
+    assert not bool(found.at_end)
+    assert float(found.scale) < 1e4  # the defence's output stopped moving long before the cap
+    value = distance_to_mean(agg, honest, fixed(honest, f, found.scale))
+    assert float(found.value) == pytest.approx(value, rel=1e-4)
+    for s in np.geomspace(1e-2, 1e6, 49):  # no scale of the whole range does better
+        assert value >= distance_to_mean(agg, honest, fixed(honest, f, float(s))) * (1 - 1e-5)
+
+
+def test_search_scale_extends_refines_and_reports_the_end():
+    found = attacks.search_scale(lambda s: -jnp.square(jnp.log(s) - jnp.log(3e5)))
+    assert float(found.scale) == pytest.approx(3e5, rel=1e-3) and not bool(found.at_end)
+    capped = attacks.search_scale(jnp.sqrt, (1.0, 2.0), max_scale=1e4)
+    assert float(capped.scale) == pytest.approx(1e4) and bool(capped.at_end)
+    # A plateau stops the extension: the smallest scale that reaches it is kept.
+    flat = attacks.search_scale(lambda s: jnp.minimum(s, 500.0), refine_steps=0)
+    assert 500.0 <= float(flat.scale) < 800.0 and not bool(flat.at_end)
+    # The range ends where the objective stops being finite; growing up to there is the end.
+    broken = attacks.search_scale(lambda s: jnp.where(s < 1e5, s, jnp.nan), refine_steps=0)
+    assert 1e4 < float(broken.scale) < 1e5 and bool(broken.at_end)
+    assert np.isfinite(float(broken.value))
+    never = attacks.search_scale(lambda s: jnp.nan * s)
+    assert float(never.value) == -np.inf and not bool(never.at_end)
+
+
+def test_search_scale_traces_once_and_matches_eager():
+    traces = []
+
+    @jax.jit
+    def run(c):
+        traces.append(1)
+        return attacks.search_scale(lambda s: -jnp.square(s - c))
+
+    for c in (0.3, 30.0, 3e6):
+        found = run(jnp.float32(c))
+        assert float(found.scale) == pytest.approx(c, rel=1e-3)
+    assert len(traces) == 1
+    eager = attacks.search_scale(lambda s: -jnp.square(s - 30.0))
+    chex.assert_trees_all_close(eager, run(jnp.float32(30.0)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,7 +436,7 @@ def test_inject_random_positions_redrawn_per_key_without_recompiling():
     @jax.jit
     def step(honest, key):
         traces.append(1)
-        return attacks.inject(honest, attacks.gaussian, f=3, key=key)
+        return attacks.inject(honest, attacks.gaussian, f=3, key=key, positions="random")
 
     honest = make_tree(10, seed=5)
     masks = [np.asarray(step(honest, jax.random.key(s)).byzantine) for s in range(6)]
@@ -366,7 +477,7 @@ DEFENCES = {
 
 def attacked(name, **kwargs):
     honest = jnp.asarray(np.random.default_rng(9).normal(1.0, 1.0, (N, 20)), jnp.float32)
-    out, mask = attacks.inject(honest, name, f=F, key=3, **kwargs)
+    out, mask = attacks.inject(honest, name, f=F, key=3, positions="random", **kwargs)
     good = np.asarray(honest)[~np.asarray(mask)]
     return out, good, np.asarray(out)[np.asarray(mask)]
 
@@ -386,7 +497,7 @@ def test_robust_rules_stay_in_the_honest_range(name, kwargs):
 
 
 def test_alie_moves_median_and_krum():
-    out, good, _ = attacked("alie", n=N)
+    out, good, _ = attacked("alie")
     for rule in (DEFENCES["median"], DEFENCES["krum"]):
         shift = np.asarray(rule(out)) - good.mean(0)
         assert np.mean(shift) < -0.05  # the default shift is mu - z * sigma
@@ -413,34 +524,111 @@ def test_registry():
         attacks.get("nope")
 
 
-@pytest.mark.parametrize("name", sorted(
-    {"alie", "bit_flip", "constant", "gaussian", "ipm", "mimic", "min_max", "min_sum",
-     "non_finite", "reverse", "sign_directional", "sign_flip", "sign_random", "sign_reverse"}))
-def test_f_zero_gives_an_empty_stack(name):
-    out = attacks.get(name)(make_tree(4), f=0, key=0, **({"n": 10} if name == "alie" else {}))
-    assert all(v.shape[0] == 0 for v in out.values())
-    out, mask = attacks.inject(make_tree(4), name, f=0, key=1)
-    assert not np.asarray(mask).any()
+def test_issue_examples():
+    g = make_tree(10, seed=6)
+    out, mask = attacks.inject(g, "alie", f=2, key=0)  # n comes from the stack
+    assert np.flatnonzero(np.asarray(mask)).tolist() == [8, 9]
+    honest = {k: v[:8] for k, v in g.items()}
+    chex.assert_trees_all_close({k: v[8:] for k, v in out.items()},
+                                attacks.alie(honest, f=2, n=10), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"'zz'; it accepts f, z, variant, ddof, sign"):
+        attacks.inject(g, "alie", f=2, zz=1.0)
+    with pytest.raises(ValueError, match=r"inject: gaussian is a random attack and needs a key"):
+        attacks.inject(g, "gaussian", f=2)
+    with pytest.raises(ValueError, match=r"'n' is supplied by rbyz"):
+        attacks.inject(g, "alie", f=2, n=10)
+
+
+def test_label_flip_is_public_but_not_a_model_attack():
+    assert "label_flip" not in attacks.names()
+    with pytest.raises(ValueError, match="unknown attack 'label_flip'"):
+        attacks.get("label_flip")
+
+
+def test_attack_rows_takes_every_form_of_attack():
+    known = make_tree(5, seed=7)
+    expected = attacks.reverse(known, f=2, scale=3.0)
+    forms = [("reverse", {"scale": 3.0}), (attacks.reverse, {"scale": 3.0}),
+             (functools.partial(attacks.reverse, scale=3.0), {}),
+             (functools.partial(attacks.reverse, scale=1.0), {"scale": 3.0}),
+             (lambda x, *, f, scale: attacks.reverse(x, f=f, scale=scale), {"scale": 3.0})]
+    for attack, hparams in forms:
+        rows = attacks.attack_rows(attack, known, f=2, n=7, hparams=hparams)
+        chex.assert_trees_all_equal(rows, expected)
+
+
+def test_user_declared_attack():
+    @attacks.declare(key=True, cost="O(f d)")
+    def noise(honest, *, f, key=None, std: float = 1.0):
+        return jax.tree.map(
+            lambda x: std * jax.random.normal(key, (f,) + x.shape[1:], x.dtype), honest)
+
+    assert "noise" not in attacks.names()
+    known = make_tree(3)
+    rows = attacks.attack_rows(noise, known, f=2, n=5, key=jax.random.key(1))
+    again = attacks.inject({k: jnp.concatenate([v, v[:2]]) for k, v in known.items()}, noise,
+                           f=2, key=4, std=2.0)
+    assert rows["w"].shape == (2, 3, 4) and again.updates["b"].shape == (5, 5)
+    with pytest.raises(ValueError, match="noise is a random attack and needs a key"):
+        attacks.attack_rows(noise, known, f=2, n=5)
+    with pytest.raises(ValueError, match=r"noise has no hyperparameter 'sd'; it accepts f, std"):
+        attacks.attack_rows(noise, known, f=2, n=5, key=0, hparams={"sd": 1.0})
+
+
+@pytest.mark.parametrize("positions,expected", [
+    ("last", [3, 4]), ("first", [0, 1]), ((4, 1), [4, 1]), (np.array([0, 2]), [0, 2])])
+def test_byzantine_positions(positions, expected):
+    index = attacks.byzantine_positions(5, 2, positions)
+    assert isinstance(index, np.ndarray) and index.dtype == np.int32
+    assert index.tolist() == expected
+
+
+def test_byzantine_positions_random():
+    draws = [attacks.byzantine_positions(10, 3, "random", key=k).tolist() for k in range(8)]
+    assert all(len(set(d)) == 3 and d == sorted(d) for d in draws)
+    assert len({tuple(d) for d in draws}) > 1
+    assert draws[0] == attacks.byzantine_positions(10, 3, "random", key=0).tolist()
+    assert attacks.byzantine_positions(10, 0, "random", key=0).shape == (0,)
 
 
 BAD = [
     (lambda: attacks.inject(make_tree(4), "constant", f=4, key=0), "inject: needs f < n"),
-    (lambda: attacks.inject(make_tree(4), "constant", f=1), "needs a key"),
+    (lambda: attacks.inject(make_tree(4), "constant", f=1, positions="random"),
+     "positions='random' needs a key"),
     (lambda: attacks.inject(make_tree(4), "constant", f=2, positions=(1, 1)), "distinct"),
     (lambda: attacks.inject(make_tree(4), "constant", f=2, positions=(0,)), "2 integer"),
     (lambda: attacks.inject(make_tree(4), "constant", f=2, positions="middle"), "positions"),
+    (lambda: attacks.inject(make_tree(4), "constant", f=2, positions=(0, 4)), r"\[0, 4\)"),
+    (lambda: attacks.inject(make_tree(4), "constnt", f=1), "unknown attack 'constnt'"),
+    (lambda: attacks.inject(make_tree(4), "alie_adaptive", f=1),
+     "inject: alie_adaptive needs aggregator=..."),
+    (lambda: attacks.inject(make_tree(4), functools.partial(attacks.ipm, f=2), f=1),
+     "ipm was given f=2, but 1 workers are Byzantine"),
+    (lambda: attacks.inject(make_tree(4), lambda x, *, f: jax.tree.map(lambda v: v[:1], x), f=2),
+     r"must return \[f, ...\] rows"),
+    (lambda: attacks.inject(make_tree(4), lambda x, *, f: x["w"][:f], f=2), "structure"),
+    (lambda: attacks.attack_rows("ipm", make_tree(4), f=1, n=1), "inject: needs f < n"),
+    (lambda: attacks.byzantine_positions(5, 1, "random"), "needs a key"),
     (lambda: attacks.alie(make_tree(4), f=2), "alie: needs n"),
     (lambda: attacks.alie(make_tree(4), f=5, n=5), "alie: needs f < n"),
     (lambda: attacks.alie(make_tree(1), f=1, z=1.0, ddof=1), "more known honest rows"),
     (lambda: attacks.alie(make_tree(4), f=1, z=1.0, sign=2), "sign must be"),
+    (lambda: attacks.alie(make_tree(4), f=1, n=4, variant="v3"), "alie: variant"),
     (lambda: attacks.alie_z(10, 6), "alie_z: needs f < floor"),
     (lambda: attacks.alie_z(10, 2, variant="v3"), "variant"),
-    (lambda: attacks.alie_adaptive(make_tree(4), f=1), "alie_adaptive: needs the aggregator"),
-    (lambda: attacks.ipm_adaptive(make_tree(4), f=1), "ipm_adaptive: needs the aggregator"),
+    (lambda: attacks.alie_adaptive(make_tree(4), f=1, aggregator=None),
+     "alie_adaptive: needs the aggregator"),
+    (lambda: attacks.ipm_adaptive(make_tree(4), f=1, aggregator=None),
+     "ipm_adaptive: needs the aggregator"),
+    (lambda: attacks.ipm_adaptive(make_tree(4), f=1, aggregator=agg_mean, scales=(2.0, 1.0)),
+     "increasing"),
+    (lambda: attacks.ipm_adaptive(make_tree(4), f=1, aggregator=agg_mean, max_scale=10.0),
+     "max_scale >="),
     (lambda: attacks.ipm(make_tree(4), f=-1), "f must be >= 0"),
     (lambda: attacks.ipm(make_tree(4), f=1.5), "f must be a Python int"),
     (lambda: attacks.gaussian(make_tree(4), f=1), "gaussian: needs a random key"),
     (lambda: attacks.sign_random(make_tree(4), f=1), "sign_random: needs a random key"),
+    (lambda: attacks.bit_flip(make_tree(4), f=1), "bit_flip: needs a random key"),
     (lambda: attacks.min_max(make_tree(4), f=1, direction="up"), "min_max: direction"),
     (lambda: attacks.bit_flip(make_tree(4), f=1, key=0, bit_range=(3, 40)), "bit_range"),
     (lambda: attacks.bit_flip(make_tree(4), f=1, key=0, bits=9, per="value",

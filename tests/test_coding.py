@@ -1,11 +1,12 @@
-"""Tests for rbyz.coding: DETOX, DRACO's repetition code, Election Coding and their analysis."""
+"""Tests for rbyz.coding (DETOX, DRACO, Election Coding, their analysis), the hierarchical
+combinators (rbyz.aggregators.hierarchical) and the coding transforms (rbyz.transforms.coding)."""
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
+import chex
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -13,109 +14,25 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given, settings
+from references import (ref_bad_groups, ref_election_vote, ref_group_vote, ref_hierarchical,
+                        ref_mean, ref_median, ref_median_of_means, ref_multi_krum,
+                        ref_vote_failures)
 
 import rbyz.aggregators
 import rbyz.attacks
 from rbyz import coding
+from rbyz import transforms as coding_transforms
+from rbyz import aggregators as hierarchical_lib  # hierarchical and plain live there
+from rbyz._src import spec
 
 SHAPES = {"w": (3, 4), "b": (5,)}
 HOSTILE = (np.nan, np.inf, -np.inf, 1e30)
+MOM = functools.partial(coding.hierarchical, coding.plain(rbyz.aggregators.mean),
+                        rbyz.aggregators.median)
 
 
 # ---------------------------------------------------------------------------------------------
-# NumPy references, float64, written plainly.
-
-
-def ref_median(values):
-    values = np.where(np.isnan(values), np.inf, values)
-    s = np.sort(values, axis=0)
-    n = len(s)
-    return (s[(n - 1) // 2] + s[n // 2]) / 2
-
-
-def ref_group_vote(leaves, r, fallback):
-    """leaves: list of float64 arrays [n, ...] -> list of [n/r, ...]."""
-    n = leaves[0].shape[0]
-    out = [[] for _ in leaves]
-    for g in range(n // r):
-        idx = list(range(g * r, g * r + r))
-
-        def same(a, b):
-            return all(np.array_equal(x[a], x[b]) for x in leaves)
-
-        if fallback == "boyer_moore":
-            cand, count = idx[0], 1
-            for a in idx[1:]:
-                if count == 0:
-                    cand, count = a, 1
-                elif same(cand, a):
-                    count += 1
-                else:
-                    count -= 1
-            picks = [x[cand] for x in leaves]
-        else:
-            votes = [sum(same(a, b) for b in idx) for a in idx]
-            winners = [a for a, v in zip(idx, votes) if v >= r // 2 + 1]
-            if winners:
-                picks = [x[winners[0]] for x in leaves]
-            else:
-                picks = [ref_median(x[idx]) for x in leaves]
-        for o, p in zip(out, picks):
-            o.append(p)
-    return [np.stack(o) for o in out]
-
-
-def ref_mom(leaves, buckets):
-    results = []
-    for x in leaves:
-        means = [np.mean(b, axis=0) for b in np.array_split(x, buckets)]
-        results.append(ref_median(np.stack(means)))
-    return results
-
-
-def ref_election_vote(S, G, byzantine, attack):
-    """S: [k, d] partition gradients; reference loops of the paper's code."""
-    n, k = G.shape
-    messages = np.zeros((n, S.shape[1]))
-    for j in range(n):
-        total = np.zeros(S.shape[1])
-        for i in range(k):
-            if G[j, i]:
-                total += np.sign(S[i])
-        messages[j] = np.sign(total)
-    for j in byzantine:
-        messages[j] = -messages[j] if attack == "reverse" else -1.0
-    return np.sign(messages.sum(axis=0))
-
-
-def ref_vote_failures(G, b):
-    n, k = G.shape
-    failures = trials = 0
-    for pattern in itertools.product((-1.0, 1.0), repeat=k):
-        s = np.array(pattern)
-        mu = np.sign(s.sum())
-        if mu == 0:
-            continue
-        honest = np.sign(G @ s)
-        for bad in itertools.combinations(range(n), b):
-            m = honest.copy()
-            m[list(bad)] = -mu
-            trials += 1
-            failures += np.sign(m.sum()) != mu
-    return failures, trials
-
-
-def ref_bad_groups(n, r, f):
-    groups = np.arange(n) // r
-    bad_counts = []
-    for placement in itertools.combinations(range(n), f):
-        per_group = np.bincount(groups[list(placement)], minlength=n // r)
-        bad_counts.append(int(np.sum(per_group >= math.ceil(r / 2))))
-    return np.mean(bad_counts), np.mean(np.array(bad_counts) > 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs.
+# Inputs and comparisons.
 
 
 def grouped_updates(seed, n, r, byzantine, dtype=jnp.float32, hostile=None, collude=False):
@@ -124,8 +41,7 @@ def grouped_updates(seed, n, r, byzantine, dtype=jnp.float32, hostile=None, coll
     rng = np.random.default_rng(seed)
     tree = {}
     for name, shape in SHAPES.items():
-        per_group = rng.normal(size=(n // r,) + shape)
-        x = np.repeat(per_group, r, axis=0)
+        x = np.repeat(rng.normal(size=(n // r,) + shape), r, axis=0)
         attack = rng.normal(size=shape) * 50
         for j in byzantine:
             x[j] = hostile if hostile is not None else (
@@ -134,19 +50,42 @@ def grouped_updates(seed, n, r, byzantine, dtype=jnp.float32, hostile=None, coll
     return tree
 
 
-def as_f64(tree):
-    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+def matrix(tree):
+    """``[n, D]`` float64 of a stacked pytree (leaves in ``jax.tree.leaves`` order)."""
+    leaves = jax.tree.leaves(tree)
+    return np.concatenate(
+        [np.asarray(leaf).astype(np.float64).reshape(leaves[0].shape[0], -1) for leaf in leaves],
+        axis=1)
 
 
-def assert_tree_close(actual, expected, dtype):
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    for a, e in zip(jax.tree.leaves(actual), expected):
-        np.testing.assert_allclose(np.asarray(a, np.float64), e, **tol)
+def vector(tree):
+    """``[D]`` float64 of an aggregated pytree."""
+    return np.concatenate([np.asarray(leaf).astype(np.float64).reshape(-1)
+                           for leaf in jax.tree.leaves(tree)])
+
+
+def tolerance(dtype):
+    return {jnp.bfloat16: dict(rtol=2e-2, atol=2e-2), jnp.float32: dict(rtol=1e-5, atol=1e-5),
+            jnp.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
+
+
+def assert_dtypes(tree, dtype):
+    chex.assert_trees_all_equal_dtypes(tree, jax.tree.map(lambda x: jnp.zeros((), dtype), tree))
 
 
 @functools.cache
 def jitted(fn, **static):
     return jax.jit(functools.partial(fn, **static))
+
+
+def permuted(winners, key):
+    """The winners in the order ``hierarchical`` shuffles them with ``key`` (its docstring)."""
+    perm_key = jax.random.split(typed_key(key), 3)[0]
+    return winners[np.asarray(jax.random.permutation(perm_key, len(winners)))]
+
+
+def typed_key(key):
+    return jax.random.key(key) if isinstance(key, int) else key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,12 +110,17 @@ def test_group_assignment():
 def test_group_vote_matches_reference(n, r, byzantine, dtype, fallback):
     x = grouped_updates(n + r, n, r, byzantine, dtype)
     got = jitted(coding.group_vote, r=r, fallback=fallback)(x)
-    expected = ref_group_vote(as_f64(x), r, fallback)
-    for a, e in zip(jax.tree.leaves(got), expected):
-        assert a.dtype == dtype
-        # The vote copies a member exactly; a median fallback averages in f32.
-        np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=1e-2 if dtype ==
-                                   jnp.bfloat16 else 1e-6)
+    assert_dtypes(got, dtype)
+    # The vote copies a member exactly; a median fallback averages two values in the dtype.
+    np.testing.assert_allclose(matrix(got), ref_group_vote(matrix(x), r, fallback),
+                               rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+
+
+def test_group_vote_declares_a_row_reducing_preaggregator():
+    declared = coding.group_vote.spec
+    assert (declared.kind, declared.key, declared.state) == ("preaggregator", False, None)
+    assert declared.output_rows(12, {"r": 3}) == 4
+    assert declared.hparams == {"r": spec.REQUIRED, "fallback": "median"}
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)
@@ -188,12 +132,10 @@ def test_vote_removes_every_byzantine_vector_below_half(r, hostile):
     x = grouped_updates(r, n, r, byzantine, hostile=hostile)
     honest = grouped_updates(r, n, r, ())
     got = jitted(coding.group_vote, r=r)(x)
-    expected = jax.tree.map(lambda h: h[::r], honest)
-    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(a, e)
+    chex.assert_trees_all_equal(got, jax.tree.map(lambda h: h[::r], honest))
 
 
-@settings(max_examples=10)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), values=st.lists(st.sampled_from(HOSTILE + (3.0, -7.5)),
                                                     min_size=2, max_size=2))
 def test_vote_property_honest_majority_wins(seed, values):
@@ -215,12 +157,133 @@ def test_repetition_code_is_the_honest_mean(n, f, r, dtype):
     x = grouped_updates(n, n, size, byzantine, dtype, hostile=np.nan)
     honest = grouped_updates(n, n, size, (), dtype)
     got = jitted(coding.repetition_code, f=f, r=r)(x)
-    expected = [np.mean(h[::size], axis=0) for h in as_f64(honest)]
-    assert_tree_close(got, expected, dtype)
+    assert_dtypes(got, dtype)
+    np.testing.assert_allclose(vector(got), ref_mean(matrix(honest)[::size]), **tolerance(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hierarchical aggregation.
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("buckets", [1, 2, 4])
+def test_hierarchical_without_shuffle_matches_reference(buckets, use_jit):
+    x = grouped_updates(1, 10, 1, (3,), hostile=1e30)
+    rule = coding.hierarchical(rbyz.aggregators.median, coding.plain(rbyz.aggregators.mean),
+                               buckets=buckets, shuffle=False)
+    assert not rule.spec.key and rule.spec.kind == "aggregator"
+    run = jax.jit(rule, static_argnames="f") if use_jit else rule
+    expected = ref_hierarchical(matrix(x), ref_median, ref_mean, buckets)
+    np.testing.assert_allclose(vector(run(x, f=0)), expected, **tolerance(jnp.float32))
+
+
+def test_hierarchical_shuffle_permutes_rows_with_the_documented_key():
+    x = grouped_updates(2, 12, 1, ())
+    rule = MOM(buckets=3)  # shuffle=True is the default, as the DETOX reference does
+    assert rule.spec.key
+    key = jax.random.key(5)
+    got = jax.jit(rule, static_argnames="f")(x, f=1, key=key)
+    expected = ref_median_of_means(permuted(matrix(x), key), 3)
+    np.testing.assert_allclose(vector(got), expected, **tolerance(jnp.float32))
+    # Another key, another permutation: with unequal rows the bucket means differ.
+    other = rule(x, f=1, key=jax.random.key(6))
+    assert not np.allclose(vector(other), vector(got))
+    # An int seed is a key too.
+    chex.assert_trees_all_close(rule(x, f=1, key=5), got, rtol=1e-6)
+
+
+def test_hierarchical_passes_keys_to_keyed_stages():
+    @spec.declare("aggregator", register=False, key=True)
+    def first_plus_noise(updates, *, f: int, key):
+        del f
+        return jax.tree.map(lambda u: u[0] + jax.random.normal(key, u.shape[1:], u.dtype),
+                            updates)
+
+    x = jnp.arange(8.0).reshape(4, 2)
+    rule = coding.hierarchical(first_plus_noise, rbyz.aggregators.median, buckets=2,
+                               shuffle=False)
+    assert rule.spec.key
+    key = jax.random.key(1)
+    _, inner_key, _ = jax.random.split(key, 3)
+    bucket_keys = jax.random.split(inner_key, 2)
+    expected = np.median([np.asarray(x[2 * j] + jax.random.normal(bucket_keys[j], (2,)))
+                          for j in range(2)], axis=0)
+    np.testing.assert_allclose(rule(x, f=0, key=key), expected, rtol=1e-6)
+
+
+def test_hierarchical_declaration_reads_its_stages():
+    mom = MOM(buckets=3, shuffle=False)
+    assert mom.spec.hparams == {"f": spec.REQUIRED}
+    assert mom.spec.constraint.explain(9, 1) is None
+    assert "needs buckets <= rows" in mom.spec.constraint.explain(2, 0)
+    plain_mean = coding.plain(rbyz.aggregators.mean)
+    assert plain_mean.spec.name == "plain(mean)" and not plain_mean.spec.key
+
+    @spec.declare("aggregator", register=False, constraint=spec.MAJORITY)
+    def majority_mean(updates, *, f: int):
+        return rbyz.aggregators.mean(updates)
+
+    rule = coding.hierarchical(majority_mean, rbyz.aggregators.median, buckets=3, shuffle=False)
+    with pytest.raises(ValueError, match=r"hierarchical: the inner rule majority_mean on buckets "
+                                         r"of 2 rows needs n > 2f; got n=2, f=1"):
+        rule(jnp.ones((6, 2)), f=1)
+
+
+def test_hierarchical_keeps_float64():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = {"a": jnp.asarray(rng.normal(size=(12, 3, 2))), "b": jnp.asarray(rng.normal(size=(12,
+                                                                                             4)))}
+        got = MOM(buckets=4, shuffle=False)(x, f=1)
+        assert_dtypes(got, jnp.float64)
+        np.testing.assert_allclose(vector(got), ref_median_of_means(matrix(x), 4),
+                                   **tolerance(jnp.float64))
+
+
+def _stateful(updates, *, f: int = 0, center):
+    return center
+
+
+_stateful = spec.declare("aggregator", register=False, state=spec.State("center"))(_stateful)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: MOM(buckets=4, shuffle=False)(jnp.ones((3, 2)), f=0), ValueError,
+     r"hierarchical: needs buckets <= rows; got buckets=4, rows=3"),
+    (lambda: MOM(buckets=0), ValueError, r"hierarchical: buckets must be >= 1"),
+    (lambda: MOM(buckets=2, shuffle="yes"), ValueError, r"hierarchical: shuffle must be True"),
+    (lambda: MOM(buckets=2)(jnp.ones((4, 2)), f=0), TypeError, r"key"),
+    (lambda: MOM(buckets=2)(jnp.ones((4, 2)), f=0, key=None), ValueError,
+     r"hierarchical: needs a random key; got key=None"),
+    (lambda: MOM(buckets=2, shuffle=False)(jnp.ones((4, 2)), f=0, key=0), TypeError, r"key"),
+    (lambda: coding.hierarchical(functools.partial(rbyz.aggregators.median, f=1),
+                                 rbyz.aggregators.median, buckets=2), ValueError,
+     r"hierarchical: the inner rule .* binds f=1, but hierarchical passes f itself"),
+    (lambda: coding.hierarchical(_stateful, rbyz.aggregators.median, buckets=2), ValueError,
+     r"hierarchical: the inner rule _stateful keeps state"),
+    (lambda: coding.plain(functools.partial(rbyz.aggregators.median, f=2)), ValueError,
+     r"plain: the wrapped rule .* binds f=2"),
+    (lambda: coding.hierarchical(lambda updates: updates, rbyz.aggregators.median, buckets=2),
+     ValueError, r"hierarchical: <lambda> does not accept \['f'\]"),
+])
+def test_hierarchical_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_hierarchical_lives_with_the_aggregators():
+    assert coding.hierarchical is hierarchical_lib.hierarchical
+    assert coding.plain is hierarchical_lib.plain
 
 
 # ---------------------------------------------------------------------------------------------
 # DETOX.
+
+
+def detox_buckets(n, r, f, buckets):
+    f_eff = f // math.ceil(r / 2)
+    groups = n // r
+    return buckets or min(d for d in range(1, groups + 1) if groups % d == 0 and d >= 2 * f_eff + 1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -232,12 +295,33 @@ def test_repetition_code_is_the_honest_mean(n, f, r, dtype):
 ])
 def test_detox_median_of_means_matches_reference(n, r, f, buckets, byzantine, dtype):
     x = grouped_updates(n * f + r, n, r, byzantine, dtype, collude=True)
-    got = jitted(coding.detox, f=f, r=r, buckets=buckets)(x)
-    f_eff = f // math.ceil(r / 2)
-    groups = n // r
-    k = buckets or min(d for d in range(1, groups + 1) if groups % d == 0 and d >= 2 * f_eff + 1)
-    expected = ref_mom(ref_group_vote(as_f64(x), r, "median"), k)
-    assert_tree_close(got, expected, dtype)
+    got = jitted(coding.detox, f=f, r=r, buckets=buckets, shuffle=False)(x)
+    assert_dtypes(got, dtype)
+    winners = ref_group_vote(matrix(x), r)
+    expected = ref_median_of_means(winners, detox_buckets(n, r, f, buckets))
+    np.testing.assert_allclose(vector(got), expected, **tolerance(dtype))
+
+
+def test_detox_float64_matches_reference_to_float64_precision():
+    with jax.enable_x64(True):
+        x = grouped_updates(7, 45, 3, (0, 1, 3, 4, 9), jnp.float64, collude=True)
+        got = coding.detox(x, f=5, r=3, shuffle=False)
+        assert_dtypes(got, jnp.float64)
+        expected = ref_median_of_means(ref_group_vote(matrix(x), 3), 5)
+        np.testing.assert_allclose(vector(got), expected, **tolerance(jnp.float64))
+        drc = coding.repetition_code(grouped_updates(7, 9, 3, (0,), jnp.float64, np.nan), f=1)
+        honest = matrix(grouped_updates(7, 9, 3, (), jnp.float64))
+        np.testing.assert_allclose(vector(drc), ref_mean(honest[::3]), **tolerance(jnp.float64))
+
+
+@pytest.mark.parametrize("stage2, shuffles", [("median_of_means", True), ("multi_krum", True),
+                                              ("bulyan", False)])
+def test_detox_needs_a_key_exactly_when_the_reference_shuffles(stage2, shuffles):
+    assert coding.detox_needs_key(stage2) is shuffles
+    assert coding.detox_needs_key(stage2, shuffle=True)
+    assert not coding.detox_needs_key(stage2, shuffle=False)
+    assert coding.detox_needs_key(MOM(buckets=2))
+    assert not coding.detox_needs_key(MOM(buckets=2, shuffle=False))
 
 
 def test_detox_key_permutes_winners_before_bucketing():
@@ -245,9 +329,9 @@ def test_detox_key_permutes_winners_before_bucketing():
     x = grouped_updates(0, n, r, (0, 1), collude=True)
     key = jax.random.key(3)
     got = jitted(coding.detox, f=f, r=r)(x, key=key)
-    perm = np.asarray(jax.random.permutation(key, n // r))
-    winners = [w[perm] for w in ref_group_vote(as_f64(x), r, "median")]
-    assert_tree_close(got, ref_mom(winners, 3), jnp.float32)
+    winners = permuted(ref_group_vote(matrix(x), r), key)
+    np.testing.assert_allclose(vector(got), ref_median_of_means(winners, 3),
+                               **tolerance(jnp.float32))
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)
@@ -255,56 +339,49 @@ def test_detox_stage2_handles_the_groups_the_adversary_wins(hostile):
     # f = 5, r = 3: the adversary wins f_eff = 2 groups; the output stays in the honest range.
     n, r = 45, 3
     x = grouped_updates(1, n, r, (0, 1, 3, 4, 6), hostile=hostile)
-    honest = grouped_updates(1, n, r, ())
-    got = jitted(coding.detox, f=5, r=r)(x)
-    for a, h in zip(jax.tree.leaves(got), jax.tree.leaves(honest)):
-        assert bool(jnp.all(jnp.isfinite(a)))
-        assert bool(jnp.all((a >= h.min(axis=0)) & (a <= h.max(axis=0))))
+    honest = matrix(grouped_updates(1, n, r, ()))
+    got = vector(jitted(coding.detox, f=5, r=r)(x, key=jax.random.key(0)))
+    assert np.all(np.isfinite(got))
+    assert np.all((got >= honest.min(axis=0)) & (got <= honest.max(axis=0)))
 
 
-def test_detox_multi_krum_matches_reference():
+@pytest.mark.parametrize("key", [None, 4])
+def test_detox_multi_krum_matches_reference(key):
     n, r, f = 45, 3, 5
     x = grouped_updates(5, n, r, (0, 1, 3, 4, 9), collude=True)
-    got = jitted(coding.detox, f=f, r=r, stage2="multi_krum")(x)
-    winners = ref_group_vote(as_f64(x), r, "median")
+    winners = ref_group_vote(matrix(x), r)
+    if key is None:
+        got = jitted(coding.detox, f=f, r=r, stage2="multi_krum", shuffle=False)(x)
+    else:
+        got = jitted(coding.detox, f=f, r=r, stage2="multi_krum")(x, key=key)
+        winners = permuted(winners, key)
     f_eff = 2
-    halves = [np.array_split(np.arange(15), 2)[i] for i in range(2)]
-    for leaf_index, a in enumerate(jax.tree.leaves(got)):
-        # Multi-Krum selects on the whole update (all leaves), so select per bucket first.
-        flat = np.concatenate([w.reshape(15, -1) for w in winners], axis=1)
-        outs = []
-        for idx in halves:
-            m = len(idx) - f_eff - 2
-            picked = ref_multi_krum_rows(flat[idx], f_eff, m)
-            outs.append(np.mean(winners[leaf_index][idx][picked], axis=0))
-        np.testing.assert_allclose(np.asarray(a), np.mean(outs, axis=0), rtol=1e-5, atol=1e-5)
-
-
-def ref_multi_krum_rows(flat, f, m):
-    n = len(flat)
-    dist = np.array([[np.sum((flat[i] - flat[j]) ** 2) for j in range(n)] for i in range(n)])
-    scores = [np.sum(np.sort(np.delete(dist[i], i))[:n - f - 2]) for i in range(n)]
-    return np.argsort(scores, kind="stable")[:m]
+    # Multi-Krum in each of the two buckets, selecting m = bucket size - f_eff - 2; then the mean.
+    expected = ref_hierarchical(
+        winners, lambda bucket: ref_multi_krum(bucket, f_eff, m=len(bucket) - f_eff - 2),
+        ref_mean, 2)
+    np.testing.assert_allclose(vector(got), expected, **tolerance(jnp.float32))
 
 
 def test_detox_bulyan_runs_library_bulyan_on_winners():
     n, r, f = 21, 3, 3  # 7 groups, f_eff = 1: Bulyan's n >= 4f + 3 holds exactly
     x = grouped_updates(6, n, r, (0, 1, 3), collude=True)
-    got = jitted(coding.detox, f=f, r=r, stage2="bulyan")(x)
+    got = jitted(coding.detox, f=f, r=r, stage2="bulyan")(x)  # no shuffle, no key
     winners = jitted(coding.group_vote, r=r)(x)
-    expected = jitted(rbyz.aggregators.bulyan, f=1)(winners)
-    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, e, rtol=1e-6)
+    chex.assert_trees_all_close(got, jitted(rbyz.aggregators.bulyan, f=1)(winners), rtol=1e-6)
 
 
-def test_detox_custom_hierarchical_stage2():
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_detox_custom_hierarchical_stage2(shuffle):
     x = grouped_updates(2, 18, 3, (0, 1), collude=True)
     stage2 = coding.hierarchical(rbyz.aggregators.median, coding.plain(rbyz.aggregators.mean),
-                                 buckets=2)
-    got = jax.jit(lambda u: coding.detox(u, f=2, r=3, stage2=stage2))(x)
-    winners = ref_group_vote(as_f64(x), 3, "median")
-    expected = [np.mean([ref_median(b) for b in np.array_split(w, 2)], axis=0) for w in winners]
-    assert_tree_close(got, expected, jnp.float32)
+                                 buckets=2, shuffle=shuffle)
+    key = jax.random.key(8) if shuffle else None
+    got = jax.jit(lambda u, k: coding.detox(u, f=2, r=3, stage2=stage2, key=k))(x, key)
+    winners = ref_group_vote(matrix(x), 3)
+    winners = permuted(winners, key) if shuffle else winners
+    np.testing.assert_allclose(vector(got), ref_hierarchical(winners, ref_median, ref_mean, 2),
+                               **tolerance(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,29 +404,41 @@ def test_election_vote_matches_reference(code, byzantine, attack, dtype):
     k = G.shape[1]
     rng = np.random.default_rng(k)
     grads = {name: jnp.asarray(rng.normal(size=(k,) + s), dtype) for name, s in SHAPES.items()}
-    vote = jax.jit(lambda g: coding.election_vote(g, G, byzantine=byzantine, attack=attack))
-    got = vote(grads)
-    for a, x in zip(jax.tree.leaves(got), as_f64(grads)):
-        assert a.dtype == dtype
-        expected = ref_election_vote(x.reshape(k, -1), G, byzantine,
-                                     "reverse" if attack == "sign_reverse" else "directional")
-        np.testing.assert_array_equal(np.asarray(a, np.float64).reshape(-1), expected)
+    got = jax.jit(lambda g: coding.election_vote(g, G, byzantine=byzantine, attack=attack))(grads)
+    assert_dtypes(got, dtype)
+    expected = ref_election_vote(matrix(grads), G, byzantine,
+                                 "reverse" if attack == "sign_reverse" else "directional")
+    np.testing.assert_array_equal(vector(got), expected)
 
 
-@settings(max_examples=10)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16))
 def test_election_vote_property_deterministic_code_never_flips(seed):
     rng = np.random.default_rng(seed)
     grads = jnp.asarray(rng.normal(size=(5, 16)), jnp.float32)
     bad = int(rng.integers(5))
     true_majority = jnp.sign(jnp.sign(grads).sum(axis=0))
-    got = _deterministic_vote(grads, bad)
-    np.testing.assert_array_equal(got, true_majority)
+    np.testing.assert_array_equal(_deterministic_vote(grads, bad), true_majority)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _deterministic_vote(grads, bad):
     return coding.election_vote(grads, coding.deterministic_code(5, 1), byzantine=(bad,))
+
+
+def test_election_vote_writes_attack_rows_through_inject():
+    # The attack sees only the Byzantine workers' own messages and its rows land at `byzantine`.
+    seen = []
+
+    def spy(own, *, f, key=None):
+        seen.append((f, own.shape))
+        return jnp.full_like(own, -1.0)
+
+    G = coding.identity_code(5)
+    g = jnp.array([[1.0], [1.0], [1.0], [-1.0], [-1.0]])
+    vote = coding.election_vote(g, G, byzantine=(0, 1), attack=spy)
+    assert seen == [(2, (2, 1))]
+    np.testing.assert_array_equal(vote, [-1.0])  # -1 -1 +1 -1 -1
 
 
 def test_deterministic_code_never_fails_and_uncoded_does():
@@ -408,7 +497,6 @@ def test_detox_vote_failures_exact_matches_enumeration(n, r, f):
                                rtol=1e-12)
 
 
-
 def test_detox_vote_failures_monte_carlo_estimates_the_exact_values():
     exact = coding.detox_vote_failures(45, 3, 5)
     sampled = coding.detox_vote_failures(45, 3, 5, method="monte_carlo", samples=1 << 14, key=2)
@@ -424,7 +512,8 @@ def test_detox_vote_failures_monte_carlo_estimates_the_exact_values():
 def _steps(tx, updates, steps=3):
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), updates)
     state = tx.init(params)
-    update = jax.jit(tx.update)
+    chex.clear_trace_counter()  # counters are per function source, shared by every transform
+    update = jax.jit(chex.assert_max_traces(tx.update, n=1))
     outs = []
     for _ in range(steps):
         out, state = update(updates, state, params)
@@ -432,42 +521,49 @@ def _steps(tx, updates, steps=3):
     return outs, update, state, params
 
 
+def _step_keys(seed, steps):
+    """The per-step keys ``aggregate`` splits from its key."""
+    carry, keys = jax.random.key(seed), []
+    for _ in range(steps):
+        carry, step = jax.random.split(carry)
+        keys.append(step)
+    return keys
+
+
 @pytest.mark.parametrize("key", [None, 11])
 def test_detox_transform_agrees_with_function(key):
     x = grouped_updates(3, 18, 3, (0, 1), collude=True)
-    outs, update, state, params = _steps(coding.detox_aggregate(f=2, r=3, key=key), x)
-    keys = [None] * 3
-    if key is not None:
-        k = jax.random.key(key)
-        keys = []
-        for _ in range(3):
-            k, step = jax.random.split(k)
-            keys.append(step)
-    function = jitted(coding.detox, f=2, r=3)
+    shuffle = key is not None
+    tx = coding_transforms.detox_aggregate(f=2, r=3, shuffle=shuffle, key=key)
+    outs, update, state, params = _steps(tx, x)
+    keys = _step_keys(key, 3) if shuffle else [None] * 3
+    function = jitted(coding.detox, f=2, r=3, shuffle=shuffle)
     for out, step_key in zip(outs, keys):
-        expected = function(x, key=step_key)
-        for a, e in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
-            np.testing.assert_array_equal(a, e)
-    with jax.log_compiles():
-        import logging
-        records = []
-        handler = logging.Handler()
-        handler.emit = records.append
-        logger = logging.getLogger("jax")
-        logger.addHandler(handler)
-        try:
-            update(x, state, params)
-        finally:
-            logger.removeHandler(handler)
-    assert not [r for r in records if "Compiling" in r.getMessage()]
+        chex.assert_trees_all_equal(out, function(x, key=step_key))
+    update(x, state, params)  # no new trace (assert_max_traces)
+
+
+def test_detox_transform_declares_its_rule_and_checks_the_key():
+    with pytest.raises(ValueError, match=r"detox_aggregate: stage 2 \(stage2='median_of_means', "
+                                         r"shuffle=None\) draws at random and needs key="):
+        coding_transforms.detox_aggregate(f=2, r=3)
+    with pytest.raises(ValueError, match=r"detox_aggregate: .*shuffle=False\) draws nothing at "
+                                         r"random; drop key=0"):
+        coding_transforms.detox_aggregate(f=2, r=3, shuffle=False, key=0)
+    with pytest.raises(ValueError, match=r"detox_aggregate: unknown fallback 'first'"):
+        coding_transforms.detox_aggregate(f=2, r=3, fallback="first", key=0)
+    with pytest.raises(ValueError, match=r"detox: unknown stage2 'krum'"):
+        coding_transforms.detox_aggregate(f=2, r=3, stage2="krum", key=0)
 
 
 def test_repetition_transform_agrees_with_function():
     x = grouped_updates(4, 9, 3, (0,), hostile=np.inf)
-    outs, *_ = _steps(coding.repetition_aggregate(f=1), x, steps=1)
-    expected = jitted(coding.repetition_code, f=1)(x)
-    for a, e in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(a, e)
+    outs, *_ = _steps(coding_transforms.repetition_aggregate(f=1), x, steps=1)
+    chex.assert_trees_all_equal(outs[0], jitted(coding.repetition_code, f=1)(x))
+    assert coding.repetition_code.spec.hparams == {"f": spec.REQUIRED, "r": None,
+                                                    "fallback": "median"}
+    with pytest.raises(ValueError, match=r"repetition_aggregate: unknown fallback"):
+        coding_transforms.repetition_aggregate(f=1, fallback="first")
 
 
 def test_election_transform_agrees_with_function_and_chains():
@@ -475,38 +571,84 @@ def test_election_transform_agrees_with_function_and_chains():
     rng = np.random.default_rng(0)
     grads = {name: jnp.asarray(rng.normal(size=(9,) + s), jnp.float32)
              for name, s in SHAPES.items()}
-    tx = coding.election_vote_aggregate(G, byzantine=(1, 5), attack="sign_random", key=2)
+    tx = coding_transforms.election_vote_aggregate(G, byzantine=(1, 5), attack="sign_random",
+                                                   key=2)
     outs, *_ = _steps(tx, grads, steps=2)
-    k = jax.random.key(2)
     vote = jax.jit(lambda g, key: coding.election_vote(g, G, byzantine=(1, 5),
                                                        attack="sign_random", key=key))
-    for out in outs:
-        k, step = jax.random.split(k)
-        expected = vote(grads, step)
-        for a, e in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
-            np.testing.assert_array_equal(a, e)
-    chain = optax.chain(coding.election_vote_aggregate(G, byzantine=(0,)),
+    for out, step in zip(outs, _step_keys(2, 2)):
+        chex.assert_trees_all_equal(out, vote(grads, step))
+    chain = optax.chain(coding_transforms.election_vote_aggregate(G, byzantine=(0,)),
                         optax.sgd(0.1, momentum=0.9))
     params = jax.tree.map(lambda x: x[0], grads)
     updates, _ = jax.jit(chain.update)(grads, chain.init(params), params)
-    vote = jax.jit(lambda g: coding.election_vote(g, G, byzantine=(0,)))(grads)
-    for u, v in zip(jax.tree.leaves(updates), jax.tree.leaves(vote)):
-        np.testing.assert_allclose(u, -0.1 * v)
+    voted = jax.jit(lambda g: coding.election_vote(g, G, byzantine=(0,)))(grads)
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda v: -0.1 * v, voted))
+
+
+def test_election_transform_key_follows_the_attack_declaration():
+    @spec.declare("attack", register=False)
+    def negate(own, *, f: int):
+        return jax.tree.map(jnp.negative, own)
+
+    @spec.declare("attack", register=False, key=True)
+    def coin(own, *, f: int, key):
+        return jax.tree.map(lambda x: jnp.where(jax.random.bernoulli(key, 0.5, x.shape), 1.0,
+                                                -1.0).astype(x.dtype), own)
+
+    G = coding.identity_code(5)
+    with pytest.raises(ValueError, match=r"election_vote_aggregate: the attack 'negate' draws "
+                                         r"nothing at random; drop key=0"):
+        coding_transforms.election_vote_aggregate(G, byzantine=(1,), attack=negate, key=0)
+    with pytest.raises(ValueError, match=r"election_vote_aggregate: the attack 'coin' draws at "
+                                         r"random and needs key="):
+        coding_transforms.election_vote_aggregate(G, byzantine=(1,), attack=coin)
+    with pytest.raises(ValueError, match=r"the vote with no attack draws nothing at random"):
+        coding_transforms.election_vote_aggregate(G, key=0)
+    tx = coding_transforms.election_vote_aggregate(G, byzantine=(1,), attack=coin, key=3)
+    g = jnp.ones((5, 4))
+    out, _ = tx.update(g, tx.init(None))
+    np.testing.assert_array_equal(out, jnp.ones(4))  # 4 honest +1 against one coin
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
 
+def _stateful_stage2(updates, *, f: int, center):
+    return center
+
+
+_stateful_stage2 = spec.declare("aggregator", register=False,
+                                state=spec.State("center"))(_stateful_stage2)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda x: coding.detox(x, f=1, r=4), r"detox: .*r to divide .* n=18, r=4"),
     (lambda x: coding.detox(x, f=1.5, r=3), r"detox: f must be a Python int"),
     (lambda x: coding.detox(x, f=18, r=3), r"detox: needs 0 <= f < n; got n=18, f=18"),
-    (lambda x: coding.detox(x, f=6, r=3), r"detox: median_of_means needs .* f_eff=3"),
-    (lambda x: coding.detox(x, f=2, r=3, buckets=2), r"median_of_means needs .* k=2"),
+    (lambda x: coding.detox(x, f=6, r=3, key=0), r"detox: median_of_means needs .* f_eff=3"),
+    (lambda x: coding.detox(x, f=2, r=3, buckets=2, key=0), r"median_of_means needs .* k=2"),
     (lambda x: coding.detox(x, f=4, r=3, stage2="bulyan"), r"detox: bulyan needs n/r >= 4 f_eff"),
-    (lambda x: coding.detox(x, f=2, r=3, stage2="multi_krum"), r"detox: multi_krum needs every"),
+    (lambda x: coding.detox(x, f=1, r=3, stage2="bulyan", buckets=2),
+     r"detox: the bulyan stage 2 runs on all winners"),
+    (lambda x: coding.detox(x, f=2, r=3, stage2="multi_krum", key=0),
+     r"detox: multi_krum needs every"),
     (lambda x: coding.detox(x, f=2, r=3, stage2="krum"), r"detox: unknown stage2 'krum'"),
+    (lambda x: coding.detox(x, f=2, r=3, stage2=42), r"detox: unknown stage2 42"),
+    (lambda x: coding.detox(x, f=2, r=3), r"detox: stage 2 \(hierarchical\) draws at random .* "
+                                          r"needs a key.*or pass shuffle=False"),
+    (lambda x: coding.detox(x, f=2, r=3, shuffle=False, key=0),
+     r"detox: stage 2 \(hierarchical\) draws nothing at random \(no shuffle\); drop key=0"),
+    (lambda x: coding.detox(x, f=2, r=3, stage2=MOM(buckets=2)),
+     r"needs a key.*or build it with hierarchical\(..., shuffle=False\)"),
+    (lambda x: coding.detox(x, f=2, r=3, stage2=MOM(buckets=2), shuffle=False),
+     r"detox: shuffle=False applies to the preset stage 2s"),
+    (lambda x: coding.detox(x, f=2, r=3, stage2=MOM(buckets=2, shuffle=False), buckets=3),
+     r"detox: buckets=3 sets the presets' bucket count"),
+    (lambda x: coding.detox(x, f=2, r=3, stage2=_stateful_stage2),
+     r"detox: the stage2 rule _stateful_stage2 keeps state"),
+    (lambda x: coding.detox(x, f=2, r=3, shuffle=1), r"detox: shuffle must be None, True or"),
     (lambda x: coding.group_vote(x, r=3, fallback="first"), r"group_vote: unknown fallback"),
     (lambda x: coding.repetition_code(x, f=2, r=3), r"repetition_code: needs group size r >= 2f"),
     (lambda x: coding.repetition_code(x, f=1, r=4), r"repetition_code: .*r to divide"),
@@ -529,6 +671,16 @@ def test_group_vote_mismatched_workers():
     (lambda: coding.vote_failures(np.array([[1, 0], [0, 0]]), 1), r"rows \[1\] of G are empty"),
     (lambda: coding.vote_failures(np.ones(5), 1), r"vote_failures: G must be a non-empty"),
     (lambda: coding.vote_failures(np.full((2, 2), 2), 1), r"G must hold only 0 and 1"),
+    (lambda: coding.vote_failures(coding.identity_code(5), 1, method="monte_carlo"),
+     r"vote_failures: the Monte Carlo estimate \(method='monte_carlo'\) .* needs key="),
+    (lambda: coding.vote_failures(coding.identity_code(5), 1, max_exact=4),
+     r"vote_failures: the Monte Carlo estimate \(method='auto', 2\^k C\(n, b\) = 160 > "
+     r"max_exact = 4\)"),
+    (lambda: coding.vote_failures(coding.identity_code(5), 1, method="exact", key=0),
+     r"vote_failures: method='exact' enumerates and draws nothing; drop key=0"),
+    (lambda: coding.detox_vote_failures(9, 3, 2, method="monte_carlo"),
+     r"detox_vote_failures: the Monte Carlo estimate .* needs key="),
+    (lambda: coding.detox_vote_failures(9, 3, 2, key=1), r"detox_vote_failures: method='exact'"),
     (lambda: coding.election_vote(jnp.ones((4, 3)), coding.identity_code(5)),
      r"election_vote: G has 5 columns but the updates hold 4 partitions"),
     (lambda: coding.election_vote(jnp.ones((5, 3)), coding.identity_code(5), byzantine=(5,)),
@@ -536,6 +688,7 @@ def test_group_vote_mismatched_workers():
     (lambda: coding.election_vote(jnp.ones((5, 3)), coding.identity_code(5), byzantine=(1,),
                                   attack="flip"), r"unknown attack 'flip'"),
     (lambda: coding.bernoulli_code(5, 0.0, key=0), r"bernoulli_code: needs 0 < r <= n"),
+    (lambda: coding.bernoulli_code(5, 2.0, key=None), r"bernoulli_code: needs a random key"),
     (lambda: coding.detox_vote_failures(10, 3, 2), r"detox_vote_failures: .*r to divide"),
     (lambda: coding.redundancy(coding.identity_code(3), batch_ratio=0.0), r"needs batch_ratio"),
 ])
@@ -547,3 +700,12 @@ def test_election_bad_input(call, match):
 def test_election_vote_traced_code_is_rejected():
     with pytest.raises(ValueError, match="G must be concrete"):
         jax.jit(lambda G: coding.election_vote(jnp.ones((2, 3)), G))(jnp.eye(2))
+
+
+def test_public_names_of_rbyz_coding_keep_working():
+    for name in ("group_assignment", "group_vote", "repetition_code", "plain", "hierarchical",
+                 "effective_byzantine_groups", "detox", "identity_code", "bernoulli_code",
+                 "deterministic_code", "Redundancy", "redundancy", "local_majorities",
+                 "election_vote", "VoteFailures", "vote_failures", "GroupVoteFailures",
+                 "detox_vote_failures", "Stage2", "FALLBACKS", "STAGE2_PRESETS"):
+        assert name in coding.__all__ and hasattr(coding, name), name

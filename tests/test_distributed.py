@@ -186,10 +186,10 @@ def test_custom_coordinatewise_rule_may_use_the_coordinate_layout():
     def upper_half_mean(updates, *, f=0):
         return jax.tree.map(lambda x: jnp.sort(x, axis=0)[x.shape[0] // 2:].mean(0), updates)
 
-    with pytest.raises(ValueError, match="upper_half_mean is none of these"):
+    with pytest.raises(ValueError, match="upper_half_mean is not. Use layout='gather'"):
         transforms.aggregate(upper_half_mean, axis_name=AXIS, layout="coordinates")
-    upper_half_mean.coordinate_slices = True
-    tx = transforms.aggregate(upper_half_mean, axis_name=AXIS, layout="coordinates")
+    declared = aggregators.declare(coordinate_slices=True)(upper_half_mean)
+    tx = transforms.aggregate(declared, axis_name=AXIS, layout="coordinates")
     got = jax.vmap(lambda u: tx.update(u, tx.init(None))[0], axis_name=AXIS)(_updates())
     expected = upper_half_mean(_updates())
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-6), got, expected)
@@ -199,13 +199,14 @@ def test_custom_coordinatewise_rule_may_use_the_coordinate_layout():
     ("make", "message"),
     [
         (lambda: transforms.aggregate(lambda u, f=0: u, axis_name=AXIS, layout="coordinates"),
-         r"aggregate: layout='coordinates' needs a rule that runs on slices .* <lambda> is "),
+         r"aggregate: layout='coordinates' needs a rule declared to run on slices .* <lambda> is "
+         r"not"),
         (lambda: transforms.aggregate("median", layout="coordinates"),
          r"aggregate: layout='coordinates' splits the coordinates .* pass axis_name="),
         (lambda: transforms.aggregate("median", axis_name=AXIS, layout="rows"),
          r"aggregate: unknown layout 'rows'"),
         (lambda: transforms.aggregate("dnc", f=1, key=0, axis_name=AXIS, layout="coordinates"),
-         r"aggregate: layout='coordinates' needs .* but dnc.* dnc is none of these"),
+         r"aggregate: layout='coordinates' needs .* but dnc.* dnc is not"),
     ],
 )
 def test_coordinate_layout_misuse_is_a_clear_error(make, message):

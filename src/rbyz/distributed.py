@@ -63,7 +63,8 @@ def _gather_leaf(x: jax.Array, axis_name: str, tiled: bool) -> jax.Array:
     return jax.lax.all_gather(x, axis_name, tiled=tiled)
 
 
-def gather_workers(tree, axis_name: str = WORKERS, *, tiled: bool = False):
+def gather_workers(tree, axis_name: str = WORKERS, *, tiled: bool = False,
+                   where: str = "gather_workers"):
     """Stacks every shard's updates over the named axis: ``x -> [n, ...]`` on every shard.
 
     ``out[i] = x`` of shard ``i``. With ``tiled=True`` each shard holds a stack ``[m, ...]`` of
@@ -73,6 +74,7 @@ def gather_workers(tree, axis_name: str = WORKERS, *, tiled: bool = False):
       tree: a pytree of this shard's updates.
       axis_name: the named worker axis of the enclosing ``shard_map``/``pmap``/``vmap``.
       tiled: whether each leaf already carries a local worker axis.
+      where: the public name that error messages give (a transform calling this names itself).
 
     Returns:
       The stacked pytree, replicated over the axis (typed invariant under ``shard_map``).
@@ -89,15 +91,16 @@ def gather_workers(tree, axis_name: str = WORKERS, *, tiled: bool = False):
     try:
         return jax.tree.map(lambda x: _gather_leaf(x, axis_name, tiled), tree)
     except NameError:
-        raise _outside_axis_error(axis_name, "gather_workers") from None
+        raise _outside_axis_error(axis_name, where) from None
 
 
-def worker_index(axis_name: str = WORKERS) -> jax.Array:
-    """This shard's index along the named worker axis (``ValueError`` outside such a map)."""
+def worker_index(axis_name: str = WORKERS, *, where: str = "worker_index") -> jax.Array:
+    """This shard's index along the named worker axis (``ValueError`` naming ``where`` outside
+    such a map)."""
     try:
         return jax.lax.axis_index(axis_name)
     except NameError:
-        raise _outside_axis_error(axis_name, "worker_index") from None
+        raise _outside_axis_error(axis_name, where) from None
 
 
 def _axis_size(axis_name: str, where: str) -> int:
@@ -167,7 +170,8 @@ def _coordinate_blocks(rows: jax.Array, shards: int) -> jax.Array:
     return padded.reshape(rows.shape[0], shards, width).swapaxes(0, 1)
 
 
-def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False):
+def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False,
+                        where: str = "scatter_coordinates"):
     """Every worker's values on this shard's share of the coordinates (one ``all_to_all``).
 
     Each leaf is flattened to ``D`` coordinates and zero-padded to ``S c`` with ``S`` the axis
@@ -181,6 +185,7 @@ def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False):
       tree: a pytree of this shard's update (``tiled=True``: a stack ``[m, ...]`` of its workers).
       axis_name: the named worker axis of the enclosing ``shard_map``/``pmap``/``vmap``.
       tiled: whether each leaf already carries a local worker axis.
+      where: the public name that error messages give.
 
     Returns:
       A pytree of ``[n, c]`` slices, one per leaf (varying over the axis).
@@ -195,8 +200,8 @@ def scatter_coordinates(tree, axis_name: str = WORKERS, *, tiled: bool = False):
              [[2., 0.],
               [5., 0.]]], dtype=float32)
     """
-    shards = _axis_size(axis_name, "scatter_coordinates")
-    in_shard_map = _inside_shard_map(axis_name, "scatter_coordinates")
+    shards = _axis_size(axis_name, where)
+    in_shard_map = _inside_shard_map(axis_name, where)
 
     def scatter(leaf):
         blocks = _coordinate_blocks(leaf.reshape(leaf.shape[0] if tiled else 1, -1), shards)

@@ -1,4 +1,4 @@
-"""Accurate pairwise squared Euclidean distances between workers' updates.
+"""The kernel of accurate pairwise squared Euclidean distances between workers' updates.
 
 ``D[i, j] = sum over leaves of ||x_i - x_j||^2``, computed leaf by leaf (the model is never
 ravelled into one vector) as a Gram matrix of *centred* rows:
@@ -15,58 +15,42 @@ Why chunked: XLA's CPU dot on a ``[25, 1e6]`` operand is slow (80 ms here); the 
 a sum of products over column blocks of ~10k is about twice as fast, and the centring fuses into
 each block.
 
-Hostile rows: a row holding NaN or Inf, or whose centred norm overflows, is at distance ``+inf``
-from every other row (and 0 from itself), so selection rules rank it last.
+The kernel is one leaf's partial Gram matrix; :func:`rbyz._src.reductions.pairwise_sq_distances`
+sums it over the leaves (and over the coordinate slices, in collective mode) and turns it into
+distances, where a row holding NaN or Inf, or whose centred norm overflows, is at distance
+``+inf`` from every other row (and 0 from itself), so selection rules rank it last.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from rbyz._src import coordinates
 from rbyz._src import order_stats
-from rbyz._src import tree as tree_util
 
 CHUNK_COLUMNS = 10_000
 
 
-def _leaf_gram(x: jax.Array) -> jax.Array:
-    """Centred Gram matrix ``[n, n]`` (float32) of one leaf.
+def leaf_gram(x: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Centred Gram matrix ``[n, n]`` of one leaf ``[n, ...]``, accumulated in ``dtype``.
 
     A non-finite value in row ``i`` can only reach row and column ``i`` of the product (each
     entry is the dot product of two rows), and it makes ``G[i, i]`` NaN or ``+inf``; so the
-    diagonal alone tells which rows are hostile, and no per-element check is needed.
+    diagonal alone tells which rows are hostile, and no per-element check is needed. An empty
+    leaf (``[n, 0]``) contributes zeros.
     """
     n = x.shape[0]
-    x = x.reshape(n, -1)
+    x = x.reshape(n, math.prod(x.shape[1:]))
+    if x.shape[1] == 0:
+        return jnp.zeros((n, n), dtype)
     center = order_stats.materialized(
-        lambda x: order_stats.median(x, even="lower").astype(jnp.float32), x
+        lambda x: order_stats.median(x, even="lower").astype(dtype), x
     )
-    gram = jnp.zeros((n, n), jnp.float32)
+    gram = jnp.zeros((n, n), dtype)
     for start in range(0, x.shape[1], CHUNK_COLUMNS):
-        block = x[:, start:start + CHUNK_COLUMNS].astype(jnp.float32)
+        block = x[:, start:start + CHUNK_COLUMNS].astype(dtype)
         block = block - center[None, start:start + CHUNK_COLUMNS]
         gram = gram + jnp.matmul(block, block.T, precision=jax.lax.Precision.HIGHEST)
     return gram
-
-
-def pairwise_sq_distances(tree) -> jax.Array:
-    """``[n, n]`` float32 squared distances between the workers' whole updates.
-
-    Args:
-      tree: a stacked pytree (every leaf ``[n, ...]``).
-
-    Returns:
-      A symmetric matrix with a zero diagonal; ``+inf`` between a hostile row (non-finite values
-      or an overflowing norm) and any other row.
-    """
-    gram = coordinates.total(sum(_leaf_gram(leaf) for leaf in tree_util.leaves(tree)))
-    norms = jnp.diagonal(gram)
-    ok = jnp.isfinite(norms)
-    # Symmetrised: the product need not round G[i, j] and G[j, i] alike, and an asymmetry would
-    # let the workers' order break ties in selection rules.
-    gram = (gram + gram.T) / 2
-    dist = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
-    dist = jnp.where(ok[:, None] & ok[None, :], dist, jnp.inf)
-    return jnp.where(jnp.eye(gram.shape[0], dtype=bool), 0.0, dist)

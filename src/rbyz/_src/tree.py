@@ -12,14 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rbyz._src import coordinates
 
 # Above this many rows an unrolled reduction makes graphs too large; XLA's reduce is used instead.
 UNROLL_MAX_ROWS = 128
-
-
-def leaves(tree) -> list[jax.Array]:
-    return jax.tree.leaves(tree)
 
 
 def num_workers(tree, rule: str) -> int:
@@ -109,23 +104,6 @@ def mean_rows(x: jax.Array) -> jax.Array:
     acc = accumulation_dtype(x.dtype)
     total = sum_rows(x.astype(acc))
     return (total / x.shape[0]).astype(x.dtype)
-
-
-def finite_rows(tree) -> jax.Array:
-    """``[n]`` bool: whether every value of worker ``i``'s update, over all leaves, is finite."""
-    flags = [
-        jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-        for leaf in leaves(tree)
-    ]
-    return coordinates.all_true(functools.reduce(jnp.logical_and, flags))
-
-
-def row_sq_norms(tree) -> jax.Array:
-    """``[n]`` float32: squared Euclidean norm of each worker's whole update (all leaves)."""
-    return coordinates.total(sum(
-        jnp.sum(jnp.square(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)), axis=1)
-        for leaf in leaves(tree)
-    ))
 
 
 def take_row(tree, index):
