@@ -58,6 +58,7 @@ def _run_processes(out_prefix: str) -> None:
                 proc.wait()
 
 
+@pytest.mark.slow
 def test_collective_aggregation_across_processes_equals_stacked(tmp_path):
     worker = _worker_module()
     prefix = str(tmp_path / "aggregates")

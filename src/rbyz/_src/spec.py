@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 KINDS = ("aggregator", "preaggregator", "attack")
+KNOWLEDGE = ("honest", "own", "shapes")
 
 
 class _Required:
@@ -158,6 +159,10 @@ class Spec:
       cost: its cost in ``n`` and ``d``, e.g. ``"O(n^2 d)"``.
       rows_out: pre-aggregators: ``rows_out(n, hparams) -> n'``, the rows the next stage sees.
       takes_n: attacks: whether the total worker count is passed as ``n=``.
+      knowledge: attacks: what rows the attack is defined on, ``"honest"`` (the honest workers'
+        updates: omniscient), ``"own"`` (the Byzantine workers' own honest updates, e.g. the
+        reversed gradient) or ``"shapes"`` (nothing but shapes); the injection path gives it
+        those rows unless told otherwise.
       note: where a default differs from the paper, which source it follows and why.
       declared: ``False`` for the default spec of an undeclared function.
       applier: a custom ``apply`` (compositions); ``None`` uses the function.
@@ -175,6 +180,7 @@ class Spec:
     cost: str = "unknown"
     rows_out: Callable[[int, Mapping[str, Any]], int] | None = None
     takes_n: bool = False
+    knowledge: str = "honest"
     note: str = ""
     declared: bool = True
     applier: Callable | None = dataclasses.field(default=None, repr=False)
@@ -262,6 +268,7 @@ class Spec:
             "state": self.state.doc if self.state else "-",
             "coordinate slices": "yes" if self.coordinate_slices else "no",
             "cost": self.cost,
+            **({"knowledge": self.knowledge} if self.kind == "attack" else {}),
             "hyperparameters": ", ".join(
                 k if v is REQUIRED else f"{k}={v!r}" for k, v in (self.hparams or {}).items()),
             "reference": "; ".join(str(r) for r in self.reference),
@@ -322,8 +329,8 @@ REGISTRIES = {kind: Registry(kind) for kind in KINDS}
 def declare(kind: str, *, name: str | None = None, key: bool = False, state: State | None = None,
             coordinate_slices: bool = False, constraint: Constraint = ANY,
             reference: tuple[Reference, ...] | Reference = (), cost: str = "unknown",
-            rows_out: Callable | None = None, takes_n: bool = False, note: str = "",
-            register: bool = True) -> Callable[[Callable], Callable]:
+            rows_out: Callable | None = None, takes_n: bool = False, knowledge: str = "honest",
+            note: str = "", register: bool = True) -> Callable[[Callable], Callable]:
     """Decorator declaring a rule: attaches ``fn.spec`` and (``register``) adds it to its registry.
 
     The hyperparameters and their defaults are read from the function's keyword parameters once,
@@ -341,6 +348,7 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
       cost: its cost in ``n`` and ``d``.
       rows_out: pre-aggregators that change the row count: ``rows_out(n, hparams)``.
       takes_n: attacks that need the total worker count ``n``.
+      knowledge: attacks: ``"honest"``, ``"own"`` or ``"shapes"`` (see :class:`Spec`).
       note: where a default differs from the paper, which source it follows and why.
       register: add to the registry of ``kind`` (set ``False`` for a user's own rule).
 
@@ -355,6 +363,9 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
     """
     if kind not in KINDS:
         raise ValueError(f"declare: kind must be one of {', '.join(KINDS)}; got {kind!r}.")
+    if knowledge not in KNOWLEDGE:
+        raise ValueError(f"declare: knowledge must be one of {', '.join(KNOWLEDGE)}; got "
+                         f"{knowledge!r}.")
     references = (reference,) if isinstance(reference, Reference) else tuple(reference)
 
     def attach(fn: Callable) -> Callable:
@@ -377,7 +388,8 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
         declared = Spec(
             name=rule_name, kind=kind, fn=fn, key=key, state=state,
             coordinate_slices=coordinate_slices, constraint=constraint, hparams=hparams,
-            reference=references, cost=cost, rows_out=rows_out, takes_n=takes_n, note=note,
+            reference=references, cost=cost, rows_out=rows_out, takes_n=takes_n,
+            knowledge=knowledge, note=note,
         )
         fn.spec = declared
         if register:
@@ -427,8 +439,10 @@ def resolve(rule: Callable | str, kind: str, where: str) -> tuple[Spec, dict]:
 
 
 def registry_view(kind: str) -> types.SimpleNamespace:
-    """``get``, ``names``, ``spec`` and ``specs`` of one registry, for the public modules."""
+    """The public registry API of one kind, for the public packages: ``get`` (name -> rule),
+    ``names``, ``spec`` (name -> declaration), ``specs`` and ``declare`` (a user's own rule of
+    this kind, not registered unless ``register=True``)."""
     registry = REGISTRIES[kind]
     return types.SimpleNamespace(get=registry.get, names=registry.names, spec=registry.spec,
-                                 specs=registry.specs)
-
+                                 specs=registry.specs,
+                                 declare=functools.partial(declare, kind, register=False))

@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 from rbyz._src import spec as _spec
@@ -93,17 +92,10 @@ __all__ = (
     "trimmed_mean",
 )
 
-_REGISTRY = _spec.registry_view("aggregator")
-
-get = _REGISTRY.get  # name -> the rule, callable as agg(updates, *, f=..., **hparams)
-names = _REGISTRY.names  # every registered name, sorted
-spec = _REGISTRY.spec  # name -> its declaration (rbyz._src.spec.Spec)
-specs = _REGISTRY.specs  # every declaration, in the order of names()
-
-declare = functools.partial(_spec.declare, "aggregator", register=False)
-"""Declares an aggregator of your own (not registered), e.g.
-``@aggregators.declare(coordinate_slices=True, constraint=...)``; see ``rbyz._src.spec.declare``.
-"""
+# get(name) -> rule, names(), spec(name) -> declaration, specs(), and declare(...) for a
+# rule of your own (not registered): @rbyz.aggregators.declare(...).
+get, names, spec, specs, declare = (getattr(_spec.registry_view("aggregator"), attr) for attr in
+                                     ("get", "names", "spec", "specs", "declare"))
 
 
 def supports_coordinate_layout(rule: Callable) -> bool:

@@ -47,7 +47,6 @@ References:
   Byzantine Attacks <https://arxiv.org/abs/1910.06093>`_, NeurIPS 2020.
 """
 
-import functools as _functools
 
 from rbyz._src import spec as _spec
 from rbyz.attacks.adaptive import alie_adaptive as alie_adaptive
@@ -79,14 +78,10 @@ from rbyz.attacks.statistical import alie as alie
 from rbyz.attacks.statistical import alie_z as alie_z
 from rbyz.attacks.statistical import ipm as ipm
 
-_registry = _spec.registry_view("attack")
-get = _registry.get
-names = _registry.names
-spec = _registry.spec
-specs = _registry.specs
-
-# Declares a user's own attack (not registered): ``@rbyz.attacks.declare(key=True, ...)``.
-declare = _functools.partial(_spec.declare, "attack", register=False)
+# get(name) -> rule, names(), spec(name) -> declaration, specs(), and declare(...) for a
+# rule of your own (not registered): @rbyz.attacks.declare(...).
+get, names, spec, specs, declare = (getattr(_spec.registry_view("attack"), attr) for attr in
+                                     ("get", "names", "spec", "specs", "declare"))
 
 __all__ = (
     "DEFAULT_SCALES",

@@ -103,7 +103,7 @@ def _flip_per_row(key, row_leaves: list[jax.Array], bits: int, ranges) -> list[j
 
 
 @_common.declare_attack(
-    key=True, reference=(_common.RAJPUT,), cost="O(f d bits)",
+    key=True, knowledge="own", reference=(_common.RAJPUT,), cost="O(f d bits)",
     note="DETOX names bit flips as a hardware fault; epfml's \"bit flip\" is a plain negation "
          "(reverse with scale=1).")
 def bit_flip(honest, *, f: int, key=None, bits: int = 1, per: str = "row",

@@ -43,7 +43,7 @@ def sign_flip(honest, *, f: int):
     return statistical.ipm(honest, f=f, epsilon=1.0)
 
 
-@_common.declare_attack(reference=(_common.RAJPUT,), cost="O(f d)")
+@_common.declare_attack(knowledge="own", reference=(_common.RAJPUT,), cost="O(f d)")
 def reverse(honest, *, f: int, scale: float = 100.0):
     """Reversed gradient: Byzantine worker ``i`` sends ``-scale * g_i``, its own gradient reversed.
 
@@ -74,7 +74,7 @@ def reverse(honest, *, f: int, scale: float = 100.0):
     return jax.tree.map(reversed_rows, _common.cycle_rows(honest, f))
 
 
-@_common.declare_attack(reference=(_common.RAJPUT,), cost="O(f d)")
+@_common.declare_attack(knowledge="shapes", reference=(_common.RAJPUT,), cost="O(f d)")
 def constant(honest, *, f: int, value: float = -100.0):
     """Constant: every entry of every Byzantine row is ``value`` (-100 as in DETOX and DRACO).
 
@@ -99,7 +99,7 @@ def constant(honest, *, f: int, value: float = -100.0):
     return _common.full_like(honest, f, value)
 
 
-@_common.declare_attack(cost="O(f d)")
+@_common.declare_attack(knowledge="shapes", cost="O(f d)")
 def non_finite(honest, *, f: int, value: float = float("nan")):
     """Non-finite: every entry of every Byzantine row is ``value`` (NaN, ``inf`` or ``-inf``).
 
@@ -125,7 +125,7 @@ def non_finite(honest, *, f: int, value: float = float("nan")):
 
 
 @_common.declare_attack(
-    key=True, reference=(_common.BLANCHARD,), cost="O(f d)",
+    key=True, knowledge="shapes", reference=(_common.BLANCHARD,), cost="O(f d)",
     note="std=200 as the Gaussian Byzantine workers of Blanchard et al.; ByzFL uses std=1.")
 def gaussian(honest, *, f: int, key=None, mean: float = 0.0, std: float = 200.0):
     """Gaussian: every Byzantine entry is drawn independently from ``N(mean, std^2)``.

@@ -167,14 +167,16 @@ def byzantine_positions(n: int, f: int, positions: str | Sequence[int] | jax.Arr
 
 
 def inject(honest, attack: Callable | str, *, f: int, key=None,
-           positions: str | Sequence[int] | jax.Array = "last", omniscient: bool = True,
+           positions: str | Sequence[int] | jax.Array = "last", omniscient: bool | None = None,
            **hparams) -> Injected:
     """Replaces ``f`` of the ``n`` honest rows with the rows an attack produces.
 
     ``n`` is the number of rows of ``honest``; the Byzantine workers are
     :func:`byzantine_positions` (default the last ``f``); the attack runs through
-    :func:`attack_rows`. It sees the ``n - f`` honest workers' rows when ``omniscient`` (the
-    default) and only the Byzantine workers' own honest rows otherwise. ``key`` is split into
+    :func:`attack_rows`. It sees the ``n - f`` honest workers' rows when ``omniscient`` and only
+    the Byzantine workers' own honest rows otherwise; by default (``None``) what the attack
+    declares it is defined on (``spec.knowledge``: the reversed gradient and bit flips act on
+    the worker's own gradient, ALIE, IPM and min-max on the honest ones). ``key`` is split into
     one key for the positions and one for the attack; it is needed only for
     ``positions="random"`` and random attacks. Everything has fixed shapes, so a jitted step
     compiles once. Needs ``0 <= f < n``.
@@ -185,7 +187,8 @@ def inject(honest, attack: Callable | str, *, f: int, key=None,
       f: number of Byzantine workers (static).
       key: an int seed or a JAX key.
       positions: ``"last"`` (default), ``"first"``, ``"random"`` or ``f`` indices.
-      omniscient: whether the attack knows the honest workers' rows.
+      omniscient: whether the attack knows the honest workers' rows; ``None`` follows the
+        attack's declared ``knowledge``.
       **hparams: the attack's hyperparameters (checked against its declaration).
 
     Returns:
@@ -215,6 +218,8 @@ def inject(honest, attack: Callable | str, *, f: int, key=None,
         honest_index = np.setdiff1d(np.arange(n), index)
     else:  # a stable argsort of the mask lists the honest workers in index order
         honest_index = jnp.argsort(mask, stable=True)[: n - f]
+    if omniscient is None:
+        omniscient = _spec.resolve(attack, "attack", "inject")[0].knowledge != "own"
     known = tree_util.take_rows(honest, honest_index if omniscient else index)
     rows = attack_rows(attack, known, f=f, n=n, key=attack_key, hparams=hparams, where="inject")
     updates = jax.tree.map(lambda x, r: x.at[index].set(r), honest, rows)

@@ -13,7 +13,7 @@ from rbyz._src import checks
 from rbyz.attacks import _common
 
 
-@_common.declare_attack(reference=(_common.SOHN,), cost="O(f d)")
+@_common.declare_attack(knowledge="own", reference=(_common.SOHN,), cost="O(f d)")
 def sign_reverse(honest, *, f: int):
     """Sign reverse: Byzantine worker ``i`` sends the negation of its own sign vector.
 
@@ -39,7 +39,7 @@ def sign_reverse(honest, *, f: int):
 
 
 @_common.declare_attack(
-    reference=(_common.SOHN,), cost="O(f d)",
+    knowledge="shapes", reference=(_common.SOHN,), cost="O(f d)",
     note="direction=-1 as Election Coding's CIFAR code; its Amazon code sends +1.")
 def sign_directional(honest, *, f: int, direction: int = -1):
     """Directional signs: every Byzantine entry is ``direction`` (-1 in the CIFAR code).
@@ -67,7 +67,8 @@ def sign_directional(honest, *, f: int, direction: int = -1):
     return _common.full_like(honest, f, float(direction))
 
 
-@_common.declare_attack(key=True, reference=(_common.SOHN,), cost="O(f d)")
+@_common.declare_attack(key=True, knowledge="shapes", reference=(_common.SOHN,),
+                        cost="O(f d)")
 def sign_random(honest, *, f: int, key=None):
     """Random signs: every Byzantine entry is an independent uniform draw from {-1, +1}.
 

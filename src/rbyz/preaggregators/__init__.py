@@ -14,7 +14,6 @@ combined or rescaled leaf by leaf, so the model is never ravelled into one vecto
 are combined in float32 and returned in their own dtype; float64 stays float64.
 """
 
-import functools as _functools
 
 from rbyz._src import spec as _spec
 from rbyz.preaggregators.bucketing import bucketing
@@ -23,12 +22,10 @@ from rbyz.preaggregators.clipping import clip
 from rbyz.preaggregators.compose import compose
 from rbyz.preaggregators.mixing import nnm
 
-_VIEW = _spec.registry_view("preaggregator")
-get = _VIEW.get
-names = _VIEW.names
-spec = _VIEW.spec
-specs = _VIEW.specs
-declare = _functools.partial(_spec.declare, "preaggregator", register=False)
+# get(name) -> rule, names(), spec(name) -> declaration, specs(), and declare(...) for a
+# rule of your own (not registered): @rbyz.preaggregators.declare(...).
+get, names, spec, specs, declare = (getattr(_spec.registry_view("preaggregator"), attr) for attr in
+                                     ("get", "names", "spec", "specs", "declare"))
 
 __all__ = ("arc", "bucketing", "clip", "compose", "declare", "get", "names", "nnm", "spec",
            "specs")

@@ -28,7 +28,7 @@ def byzantine(
     f: int,
     key=None,
     positions: str | Sequence[int] = "last",
-    omniscient: bool = True,
+    omniscient: bool | None = None,
     axis_name: str | None = None,
     tiled: bool = False,
     **hparams,
@@ -39,7 +39,7 @@ def byzantine(
     Byzantine rows (``positions``: by default the last ``f``, fixed across steps, so that a
     Byzantine worker keeps its identity, as worker momentum and stateful attacks need), ``H`` the
     others. An omniscient attack sees the honest rows ``u_H``; otherwise only the Byzantine
-    workers' own honest updates ``u_B``. What the attack needs is read from its declaration: a
+    workers' own honest updates ``u_B`` (by default: what the attack declares). What the attack needs is read from its declaration: a
     key if it declares one (fresh each step, split from ``key``), the total worker count ``n`` if
     it declares ``takes_n``. Its hyperparameters are validated here. Needs ``0 <= f < n``.
 
@@ -55,7 +55,9 @@ def byzantine(
         ``"random"`` (no shared default seed).
       positions: ``"last"`` (default), ``"first"``, ``"random"`` (redrawn every step) or ``f``
         distinct worker indices.
-      omniscient: whether the attack sees the honest workers' updates.
+      omniscient: whether the attack sees the honest workers' updates; by default what the
+        attack declares it is defined on (``spec.knowledge``; ``"own"`` for the reversed
+        gradient and bit flips).
       axis_name: ``None`` for stacked updates, else the named worker axis: the updates are
         gathered, attacked as in stacked mode, and each shard keeps its own row(s).
       tiled: collective mode only: each shard holds a stack of its own workers.
@@ -66,7 +68,7 @@ def byzantine(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> tx = byzantine("reverse", f=1, scale=2.0, omniscient=False)  # its own row, reversed
+      >>> tx = byzantine("reverse", f=1, scale=2.0)  # its own row, reversed (declared "own")
       >>> g = jnp.array([[1.0], [3.0], [5.0]])
       >>> tx.update(g, tx.init(jnp.zeros(1)))[0][:, 0]
       Array([  1.,   3., -10.], dtype=float32)

@@ -56,7 +56,7 @@ def robust(
     n: int | None = None,
     key=None,
     positions: str | Sequence[int] = "last",
-    omniscient: bool = True,
+    omniscient: bool | None = None,
     axis_name: str | None = None,
     tiled: bool = False,
     layout: str = "gather",
@@ -98,7 +98,8 @@ def robust(
       key: int seed or jax key; required when the attack, its positions, a stage or the rule is
         random.
       positions: the Byzantine rows (see :func:`rbyz.transforms.byzantine`).
-      omniscient: whether the attack sees the honest rows.
+      omniscient: whether the attack sees the honest rows (default: the attack's declared
+        knowledge).
       axis_name, tiled, layout: collective mode, as in :func:`rbyz.transforms.aggregate`.
       **hparams: the rule's hyperparameters.
 
