@@ -709,3 +709,9 @@ def test_public_names_of_rbyz_coding_keep_working():
                  "election_vote", "VoteFailures", "vote_failures", "GroupVoteFailures",
                  "detox_vote_failures", "Stage2", "FALLBACKS", "STAGE2_PRESETS"):
         assert name in coding.__all__ and hasattr(coding, name), name
+
+
+def test_coding_transforms_keep_their_old_names():
+    assert coding.detox_aggregate is coding_transforms.detox_aggregate
+    assert coding.repetition_aggregate is coding_transforms.repetition_aggregate
+    assert coding.election_vote_aggregate is coding_transforms.election_vote_aggregate

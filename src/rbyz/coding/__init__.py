@@ -48,6 +48,12 @@ from rbyz.aggregators.hierarchical import Stage2 as Stage2
 from rbyz.aggregators.hierarchical import hierarchical as hierarchical
 from rbyz.aggregators.hierarchical import plain as plain
 
+# The transforms live in rbyz.transforms.coding; these names are kept for code written against
+# rbyz.coding (imported last: rbyz.transforms.coding needs the modules above).
+from rbyz.transforms.coding import detox_aggregate as detox_aggregate  # noqa: E402
+from rbyz.transforms.coding import election_vote_aggregate as election_vote_aggregate  # noqa: E402
+from rbyz.transforms.coding import repetition_aggregate as repetition_aggregate  # noqa: E402
+
 __all__ = (
     "FALLBACKS",
     "STAGE2_PRESETS",
@@ -58,10 +64,12 @@ __all__ = (
     "bernoulli_code",
     "deterministic_code",
     "detox",
+    "detox_aggregate",
     "detox_needs_key",
     "detox_vote_failures",
     "effective_byzantine_groups",
     "election_vote",
+    "election_vote_aggregate",
     "group_assignment",
     "group_vote",
     "hierarchical",
@@ -69,6 +77,7 @@ __all__ = (
     "local_majorities",
     "plain",
     "redundancy",
+    "repetition_aggregate",
     "repetition_code",
     "vote_failures",
 )
