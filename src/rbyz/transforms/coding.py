@@ -22,11 +22,11 @@ from typing import Callable, Sequence
 
 import optax
 
-from rbyz.transforms.aggregate import aggregate
 from rbyz._src import checks
 from rbyz._src import spec as _spec
 from rbyz.coding import election
 from rbyz.coding import groups
+from rbyz.transforms.aggregate import aggregate
 
 _declare = functools.partial(_spec.declare, "aggregator", register=False)
 
@@ -132,8 +132,7 @@ def repetition_aggregate(*, f: int, r: int | None = None, fallback: str = "media
         r = checks.static_int(r, "repetition_aggregate", "r", minimum=2 * f + 1)
     checks.require(fallback in groups.FALLBACKS, "repetition_aggregate",
                    f"unknown fallback {fallback!r}; use one of {groups.FALLBACKS}.")
-    return aggregate(groups.repetition_code, axis_name=axis_name, f=f, r=r,
-                                fallback=fallback)
+    return aggregate(groups.repetition_code, axis_name=axis_name, f=f, r=r, fallback=fallback)
 
 
 def _attack_needs_key(attack: Callable, key) -> bool:

@@ -127,7 +127,7 @@ def robust(
                    f"momentum must be in [0, 1); got {momentum!r}.")
     checks.require(attack is None or f is not None, "robust",
                    "an attack needs f=<number of Byzantine workers>.")
-    if momentum > 0 and axis_name is None or tiled and momentum > 0:
+    if momentum > 0 and (axis_name is None or tiled):
         checks.require(n is not None, "robust",
                        "worker momentum keeps one state per worker: pass n=<number of workers>.")
     final = _rule_with_f(rule, f, hparams)
