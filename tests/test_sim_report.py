@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rbyz.sim import io
-from rbyz.sim import report
+from rbyz.sim import io, report
 
 pytest.importorskip("tabulate")
 pytest.importorskip("matplotlib")

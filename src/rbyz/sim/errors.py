@@ -1,8 +1,8 @@
-"""The demo experiment: every aggregator against every attack, on synthetic worker gradients.
+"""The aggregation-error table: every aggregator against every attack, on synthetic gradients.
 
-``python -m rbyz.demo`` builds ``n`` honest gradients ``g_i = g* + sigma * xi_i`` of a two-leaf
-model, lets ``f`` Byzantine workers replace theirs with each attack of the library, aggregates
-the stack with each rule, and prints the error of each rule relative to the honest mean,
+``rbyz errors`` (or ``python -m rbyz.sim.errors``) builds ``n`` honest gradients
+``g_i = g* + sigma * xi_i`` of a two-leaf model, lets ``f`` Byzantine workers replace theirs
+with each attack of the library, aggregates the stack with each rule, and prints the error of each rule relative to the honest mean,
 
     err = ||agg(G) - mean(honest)|| / ||mean(honest)||,
 
@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rbyz import aggregators
-from rbyz import attacks
+from rbyz import aggregators, attacks
+from rbyz.sim import io
 
 # Settings that differ from a rule's declared defaults, for a one-shot comparison.
 DEMO_HPARAMS = {
@@ -107,15 +105,6 @@ def format_table(rows, columns) -> str:
                     floatfmt=".3f")
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename (no torn files)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=25, help="workers")
@@ -132,7 +121,7 @@ def main(argv=None) -> str:
     text = header + "\n\n" + format_table(rows, columns) + "\n"
     print(text)
     if args.out:
-        write_atomic(args.out, text)
+        io.atomic_write_text(args.out, text)
     return text
 
 

@@ -1,11 +1,12 @@
-"""The demo experiment runs, covers every attack, and the robust rules stay finite."""
+"""The aggregation-error table runs, covers every attack, and the robust rules stay finite."""
 
 import math
 
 import jax
 import pytest
 
-from rbyz import aggregators, demo
+from rbyz import aggregators
+from rbyz.sim import errors as demo
 
 pytest.importorskip("tabulate")
 

@@ -1,0 +1,421 @@
+"""Experiments as data: dataclasses read from TOML, checked field by field, overridable.
+
+An experiment is an :class:`Experiment` (sections ``data``, ``model``, ``workers``, ``attack``,
+``defence``, ``train``). It is read from a TOML file with :func:`load` (parsed with ``tomllib``:
+data only, nothing evaluated), every key checked against the dataclass fields (an unknown key or
+a wrong type is a ``ValueError`` naming the field), and overridden from the command line with
+``section.field=value`` strings (:func:`override`; the value is read as a TOML value, so
+``train.steps=200``, ``defence.pre=["nnm"]`` and ``defence.rule=krum`` all work).
+
+A sweep (``rbyz sweep``) is the same file with a ``[sweep]`` table whose entries are grid axes:
+a dotted field with a list of values (``seed = [0, 1, 2]``, ``"workers.f" = [3, 5]``), or a
+section with a list of tables, each a set of that section's fields laid over the base section
+(``attack = [{name = "none"}, {name = "alie"}, {name = "ipm", hparams = {epsilon = 0.1}}]``; a
+table that names an attack or a rule starts from its defaults: the base's ``hparams`` and
+``label`` are dropped), or any other name with a list of partial experiments, tables of sections
+laid over the base together (``defence = [{defence = {rule = "centered_clipping"}, workers =
+{momentum = 0.9}}, ...]`` under another name, e.g. ``defences``). The grid is the Cartesian
+product of the axes, the last one varying fastest (:func:`expand`).
+
+Example:
+  >>> exp = from_dict({"workers": {"n": 10, "f": 2}, "defence": {"rule": "median"}})
+  >>> exp.workers.n, exp.defence.rule, exp.attack.name
+  (10, 'median', 'none')
+  >>> override(exp, ["train.steps=50", "attack.name=alie"]).train.steps
+  50
+  >>> from_dict({"train": {"step": 5}})
+  Traceback (most recent call last):
+  ...
+  ValueError: config: unknown key 'train.step'; train accepts steps, eval_every, lr, server_momentum, optimizer, checkpoint_every.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how the workers share them.
+
+    Attributes:
+      dataset: ``"auto"`` (Fashion-MNIST when installed, else scikit-learn's digits),
+        ``"fashion_mnist"``, ``"mnist"``, ``"digits"`` or ``"synthetic"``.
+      dir: a directory holding the IDX files (``""``: the search path of
+        :func:`rbyz.sim.data.load`).
+      partition: ``"iid"``, ``"dirichlet"``, ``"classes"``, ``"gamma"`` or ``"sorted"``
+        (:func:`rbyz.sim.partition.partition`).
+      alpha: Dirichlet concentration (``partition="dirichlet"``).
+      classes_per_worker: classes held by each worker (``partition="classes"``).
+      gamma: fraction distributed iid (``partition="gamma"``).
+      batch_size: examples per worker per step.
+      test_size: test examples used for evaluation (``0``: the whole test set).
+    """
+
+    dataset: str = "auto"
+    dir: str = ""
+    partition: str = "iid"
+    alpha: float = 1.0
+    classes_per_worker: int = 1
+    gamma: float = 0.5
+    batch_size: int = 32
+    test_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model (:func:`rbyz.sim.models.build`): ``"mlp"``, ``"cnn"`` or ``"logistic"``;
+    ``hidden`` is the MLP's hidden width (784-100-10 in the ALIE paper)."""
+
+    name: str = "mlp"
+    hidden: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkersConfig:
+    """``n`` workers, the ``f`` Byzantine ones among them, and the honest workers' momentum
+    ``m_i <- beta m_i + g_i`` (``momentum = beta``; ``0`` sends plain gradients)."""
+
+    n: int = 25
+    f: int = 5
+    momentum: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """What the Byzantine workers do.
+
+    Attributes:
+      name: ``"none"``, an attack of :mod:`rbyz.attacks` (``rbyz list``), or ``"label_flip"``
+        (a data attack: the Byzantine workers train on flipped labels and send what they get).
+      on: ``"momentum"`` (default: the attack replaces what the workers send, after their
+        momentum, as in Karimireddy et al. 2021 and the epfml code) or ``"gradients"`` (it
+        replaces the gradients, before the momentum).
+      positions: ``"last"``, ``"first"`` or ``"random"`` (redrawn every step, as DETOX does).
+      hparams: the attack's hyperparameters (e.g. ``{z = 1.0}`` for ALIE).
+      label: the name in the results (default ``name``).
+    """
+
+    name: str = "none"
+    on: str = "momentum"
+    positions: str = "last"
+    hparams: dict = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenceConfig:
+    """How the server combines what the workers send.
+
+    Attributes:
+      rule: an aggregator of :mod:`rbyz.aggregators` (``rbyz list``), or one of the algorithms
+        of :data:`rbyz.sim.train.ALGORITHMS`: ``"signsgd_majority"``, ``"noisy_sign_sgd"``,
+        ``"noisy_median_sgd"`` (hyperparameter ``b``), ``"detox"`` (``r``, ``stage2``, ...),
+        ``"draco"`` (``r``), ``"election_coding"`` (``code = "deterministic" | "bernoulli"``,
+        ``r``, ``b``).
+      pre: pre-aggregators run before the rule, in order (e.g. ``["nnm"]``).
+      pre_hparams: per pre-aggregator hyperparameters, e.g. ``{bucketing = {s = 2}}``.
+      hparams: the rule's hyperparameters (e.g. ``{tau = 10.0}`` for centered clipping).
+      label: the name in the results (default ``pre`` and ``rule`` joined by ``+``).
+    """
+
+    rule: str = "mean"
+    pre: tuple[str, ...] = ()
+    pre_hparams: dict = dataclasses.field(default_factory=dict)
+    hparams: dict = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The server's optimizer and the schedule.
+
+    Attributes:
+      steps: training steps.
+      eval_every: steps between evaluations (and checkpoints); the steps in between run inside
+        one ``lax.scan``.
+      lr: the server's learning rate.
+      server_momentum: heavy-ball momentum of the server's SGD (``0``: plain SGD).
+      optimizer: ``"sgd"`` or ``"adam"``.
+      checkpoint_every: evaluations between checkpoints (``0``: no checkpoints).
+    """
+
+    steps: int = 300
+    eval_every: int = 50
+    lr: float = 0.1
+    server_momentum: float = 0.0
+    optimizer: str = "sgd"
+    checkpoint_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One training run: every setting, with the paper defaults where there is one."""
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    workers: WorkersConfig = dataclasses.field(default_factory=WorkersConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    defence: DefenceConfig = dataclasses.field(default_factory=DefenceConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @property
+    def rule_label(self) -> str:
+        """The defence's name in results: ``label``, else ``pre`` and ``rule`` joined by ``+``."""
+        return self.defence.label or "+".join((*self.defence.pre, self.defence.rule))
+
+    @property
+    def attack_label(self) -> str:
+        """The attack's name in results: ``label``, else ``name``."""
+        return self.attack.label or self.attack.name
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+SECTIONS = _hints(Experiment)
+
+
+def _field_names(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _check_plain(value, path: str) -> None:
+    """Hyperparameter tables hold TOML data: numbers, strings, booleans, lists and tables."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_plain(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{path}[{i}]")
+    elif not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"config: {path} must hold numbers, strings, booleans, lists or tables; "
+                         f"got {type(value).__name__} {value!r}.")
+
+
+def _coerce(value, hint, path: str):
+    """``value`` as the field's type, or ``ValueError`` naming the field, the type and the value."""
+    def wrong(expected: str):
+        return ValueError(f"config: {path} must be {expected}; got {type(value).__name__} "
+                          f"{value!r}.")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if hint is dict:
+        if not isinstance(value, Mapping):
+            raise wrong("a table")
+        _check_plain(value, path)
+        return dict(value)
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return tuple(value)
+    raise TypeError(f"config: no coercion for {hint!r} at {path}")  # a bug here, not the user's
+
+
+def _build(cls, mapping: Mapping, path: str):
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"config: {path or 'the file'} must be a table; got {mapping!r}.")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in mapping.items():
+        where = f"{path}.{key}" if path else key
+        if key not in hints:
+            section = path or "the top level"
+            raise ValueError(f"config: unknown key {where!r}; {section} accepts "
+                             f"{_field_names(cls)}.")
+        hint = hints[key]
+        kwargs[key] = (_build(hint, value, where) if dataclasses.is_dataclass(hint)
+                       else _coerce(value, hint, where))
+    return cls(**kwargs)
+
+
+def from_dict(mapping: Mapping) -> Experiment:
+    """An :class:`Experiment` from nested mappings (a parsed TOML document without ``sweep``).
+
+    Raises:
+      ValueError: an unknown key or a value of the wrong type, naming the field.
+    """
+    return _build(Experiment, mapping, "")
+
+
+def to_dict(exp: Experiment) -> dict:
+    """The experiment as nested plain dicts (TOML-ready: tuples become lists)."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(exp))
+
+
+def read(path: str | Path) -> dict:
+    """The TOML document at ``path``, parsed as data (``ValueError`` naming the file on a
+    syntax error or when it is missing)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config: no such file {str(path)!r}.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config: {path} is not valid TOML: {err}.") from None
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    """The experiment of the TOML file at ``path`` (its ``[sweep]`` table, if any, ignored),
+    with ``overrides`` applied (see :func:`override`)."""
+    document = read(path)
+    document.pop("sweep", None)
+    return override(from_dict(document), overrides)
+
+
+def _parse_value(text: str):
+    """A command-line value read as a TOML value; a bare word is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set(mapping: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = mapping
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            raise ValueError(f"config: {dotted!r} does not name a field: {key!r} is not a "
+                             f"section; sections are {', '.join(SECTIONS)}.")
+        node = child
+    node[keys[-1]] = value
+
+
+def override(exp: Experiment, overrides: Sequence[str]) -> Experiment:
+    """``exp`` with ``section.field=value`` overrides applied (values read as TOML values).
+
+    Example:
+      >>> override(Experiment(), ["workers.n=7", "defence.pre=['nnm']"]).defence.pre
+      ('nnm',)
+    """
+    document = to_dict(exp)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config: an override is section.field=value (e.g. "
+                             f"train.steps=100); got {item!r}.")
+        dotted, text = item.split("=", 1)
+        _set(document, dotted.strip(), _parse_value(text.strip()))
+    return from_dict(document)
+
+
+# The fields that name what a section's hyperparameters belong to.
+_NAMING = {"attack": ("name",), "defence": ("rule",)}
+
+
+def _lay(document: dict, section: str, table: Mapping, where: str) -> None:
+    """Lays ``table``'s fields over ``document[section]``."""
+    if not (section in SECTIONS and dataclasses.is_dataclass(SECTIONS[section])):
+        tables = [k for k, t in SECTIONS.items() if dataclasses.is_dataclass(t)]
+        raise ValueError(f"config: {where}: {section!r} is not a section; sections are "
+                         f"{', '.join(tables)}.")
+    _build(SECTIONS[section], table, where)  # names a bad field here
+    merged = dict(document[section])
+    if any(key in table for key in _NAMING.get(section, ())):
+        # A table that names another attack or rule starts from that one's defaults: the
+        # base's hyperparameters belong to the base's rule.
+        merged.update(hparams={}, label="")
+    merged.update(table)
+    document[section] = merged
+
+
+def expand(document: Mapping) -> list[Experiment]:
+    """Every experiment of a sweep document: the base (the document without ``sweep``) with each
+    combination of the ``[sweep]`` axes applied, in order (the last axis varies fastest).
+
+    Example:
+      >>> grid = expand({"sweep": {"seed": [0, 1], "attack": [{"name": "none"},
+      ...                                                  {"name": "alie"}]}})
+      >>> [(e.seed, e.attack.name) for e in grid]
+      [(0, 'none'), (0, 'alie'), (1, 'none'), (1, 'alie')]
+    """
+    document = dict(document)
+    sweep = document.pop("sweep", {})
+    base = to_dict(from_dict(document))
+    if not isinstance(sweep, Mapping) or not sweep:
+        raise ValueError("config: a sweep needs a [sweep] table of axes, e.g. seed = [0, 1, 2] "
+                         "or attack = [{name = \"none\"}, {name = \"alie\"}].")
+    axes = []
+    for name, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"config: sweep.{name} must be a non-empty list; got {values!r}.")
+        section = name if name in SECTIONS and dataclasses.is_dataclass(SECTIONS[name]) else None
+        if section:
+            for value in values:
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"config: sweep.{name} lists tables of {name} fields, e.g. "
+                                     f"{{{_field_names(SECTIONS[name]).split(', ')[0]} = ...}}; "
+                                     f"got {value!r}.")
+        elif "." in name and name.split(".")[0] not in SECTIONS:
+            raise ValueError(f"config: sweep.{name} names no field; axes are sections "
+                             f"({', '.join(s for s in SECTIONS if s not in ('name', 'seed'))}), "
+                             f"dotted fields such as seed or workers.f, or any other name for "
+                             f"a list of partial experiments.")
+        elif name not in SECTIONS and "." not in name:
+            for value in values:
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"config: sweep.{name} is not a field, so it lists partial "
+                                     f"experiments (tables of sections, e.g. {{defence = {{rule "
+                                     f"= \"median\"}}, workers = {{momentum = 0.9}}}}); got "
+                                     f"{value!r}.")
+                for key in value:
+                    if key not in SECTIONS:
+                        raise ValueError(f"config: sweep.{name}: unknown key {key!r}; a "
+                                         f"partial experiment holds {', '.join(SECTIONS)}.")
+            section = "*"
+        axes.append((name, section, values))
+
+    grid = []
+    for combination in itertools.product(*(values for _, _, values in axes)):
+        document = to_dict(from_dict(base))
+        for (name, section, _), value in zip(axes, combination):
+            if section == "*":
+                for key, part in value.items():
+                    if isinstance(part, Mapping):
+                        _lay(document, key, part, f"sweep.{name}.{key}")
+                    else:
+                        _set(document, key, part)
+            elif section:
+                _lay(document, section, value, f"sweep.{name}")
+            else:
+                _set(document, name, value)
+        grid.append(from_dict(document))
+    return grid
+
+
+__all__ = ("AttackConfig", "DataConfig", "DefenceConfig", "Experiment", "ModelConfig",
+           "TrainConfig", "WorkersConfig", "expand", "from_dict", "load", "override", "read",
+           "to_dict")
