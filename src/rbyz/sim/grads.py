@@ -3,34 +3,38 @@
 :func:`per_worker_grads` evaluates ``loss_fn(params, x[i], y[i])`` and its gradient for each
 worker ``i`` at the same parameters, stacked ``[n, ...]`` as the aggregators expect.
 
-Why ``vmap(value_and_grad)``: measured with ``benchmarks/training.py`` (the 784-100-10 MLP,
-``n = 25`` workers, ``b = 32`` examples each, 0.26 GFLOP per step; 2 AMD EPYC cores, jax 0.10.2,
-where a 2048x2048 float32 matmul runs at 300-440 GFLOP/s), in the same runs:
+Why ``vmap(value_and_grad)``: measured with ``python benchmarks/training.py`` (the 784-100-10
+MLP, ``n = 25`` workers, ``b = 32`` examples each, 0.256 GFLOP per call by XLA's cost analysis;
+2 shared AMD EPYC cores, jax 0.10.2, a 2048x2048 float32 matmul at 360-380 GFLOP/s, so a FLOP
+floor of 0.7 ms), every formulation timed in the same rounds; three runs:
 
-=================================================  ===========  ==============================
-formulation                                        ms (median)  vs vmap
-=================================================  ===========  ==============================
-one gradient of the mean loss over all n*b                 1.3  0.85-0.95 (a floor: the same
-examples (not per worker)                                       FLOPs as one unbatched matmul)
-``vmap(value_and_grad)``, params unbatched                 1.4  1
-``vmap`` over params broadcast to ``[n, ...]``             2.0  1.4
-grad of ``sum_i L_i(P_i)``, ``P`` broadcast params         2.1  1.4
-``lax.map`` (one worker at a time)                         3.3  1.8-2.4
-``lax.map(batch_size=5)``                                  2.6  1.4-1.8
-batched weight-gradient dots rewritten with the            1.4  1 (XLA folds the transposes
-contraction dim last (jaxpr rewrite)                            back into the dot)
-=================================================  ===========  ==============================
+=====================================================  ============  =======================
+formulation                                            ms            time / vmap
+=====================================================  ============  =======================
+``vmap(value_and_grad)``, params unbatched (this)      1.7-1.9       1
+one gradient of the mean loss over all n*b examples    1.4-2.1       0.8-1.2 (not per worker)
+``vmap`` over params broadcast to ``[n, ...]``         2.1-3.0       1.3-1.6
+grad of ``sum_i L_i(P_i)``, ``P`` broadcast params     1.8-2.6       1.1-1.4
+``lax.map`` (one worker per loop step)                 2.9-3.8       1.7-2.0
+``lax.map(batch_size=5)``                              2.0-3.3       1.2-1.8
+batched dots rewritten contraction-last (jaxpr pass)   1.5-2.1       0.9-1.15 (same program)
+=====================================================  ============  =======================
 
 With the parameters unbatched, ``vmap`` turns every layer's forward pass into one matmul over
 the ``n*b`` examples and leaves per worker only the weight gradients, a batched matmul
-``[n, in, b] x [n, b, out]`` contracting over the small per-worker batch; it runs within 10-15%
-of the single mean gradient, which no per-worker formulation can beat (same FLOPs, and the
-unbatched matmul is the faster kernel). Broadcasting the parameters makes the forward pass a
-batched matmul too; ``lax.map`` gives up the merged forward pass and pays a loop step per
-worker. On the CNN (convolutions) ``lax.map`` is 5-6x slower than ``vmap``, which is there
-within 0.9-1.2x of the mean gradient. On GPU ``vmap`` is the standard choice as well, so
-``method="auto"`` is ``"vmap"`` on every backend; ``method`` stays a parameter so that a
-backend-specific formulation can be added where one is measured faster.
+``[n, b, in] x [n, b, out] -> [n, in, out]`` contracting over the small per-worker batch (alone:
+0.6-0.9 ms, 140-220 GFLOP/s). The whole call runs as fast as the single gradient of the mean
+loss over the same examples, which no per-worker formulation can beat (same FLOPs, and one
+unbatched matmul is the faster kernel); 2.6x the FLOP floor, because matmuls of these shapes do
+not reach the large-matmul rate. Broadcasting the parameters makes the forward pass a batched
+matmul too; ``lax.map`` gives up the merged forward pass and pays a loop step per worker.
+Rewriting the batched dots with explicit transposes (contraction dim last, which XLA's CPU
+backend would send to its YNNPACK kernel) changes nothing: XLA folds the transposes back and
+compiles the same program (the gradients are bitwise equal). On the CNN (convolutions, 8x8 and
+28x28 inputs) ``lax.map`` is 5-6x slower than ``vmap``, which is within 0.9-1.2x of the mean
+gradient there too. On GPU ``vmap`` is the standard formulation as well, so ``method="auto"``
+is ``"vmap"`` on every backend; ``method`` stays a parameter so that a backend-specific
+formulation can be added where one is measured faster.
 
 Example:
   >>> import jax.numpy as jnp
