@@ -10,6 +10,8 @@ In one run, on the default JAX device (named in the header):
     momenta) + trimmed mean (f = 5) + server SGD, built with ``rbyz.transforms.robust``, timed per
     step inside a jitted ``lax.scan``, with a breakdown (sampling, gradients, momentum, attack,
     aggregation) and the undefended step (mean, no attack) beside it;
+(c') the same step as ``rbyz.sim.train`` builds it (sampler included), its time per step and
+    whether batching runs that differ only in their seed into one ``vmap``-ed program pays;
 (d) ByzFL's own framework (its ``Client``/``ByzantineClient``/``Server`` classes on torch, the
     loop body of ``byzfl.benchmark.train`` for DSGD) at the same settings, when torch and ByzFL
     import, and rbyz's speedup;
@@ -326,6 +328,72 @@ def bench_step(repeats: int, steps: int, rate: float, grad_flops: float) -> tupl
     return text, per_step["whole defended step (per step, scan)"]
 
 
+def harness_experiment(seed: int = 0):
+    """The same settings as rbyz.sim experiment: MLP 784-100-10, n=25, f=5, b=32, momentum 0.9,
+    ALIE (z=Z) on the momenta, trimmed mean, SGD."""
+    from rbyz.sim import config
+
+    return config.from_dict({
+        "seed": seed, "model": {"name": "mlp", "hidden": 100}, "data": {"batch_size": BATCH},
+        "workers": {"n": N, "f": F, "momentum": BETA},
+        "attack": {"name": "alie", "hparams": {"z": Z}}, "defence": {"rule": "trimmed_mean"},
+        "train": {"lr": LR}})
+
+
+def harness_dataset():
+    from rbyz.sim import data as data_lib
+
+    x, y = synthetic_data()
+    x, y = np.asarray(x), np.asarray(y).astype(np.int32)
+    return data_lib.Dataset("synthetic-784", "benchmark", x, y, x[:1000], y[:1000], 10)
+
+
+def bench_harness(repeats: int, steps: int, seeds: int = 4) -> tuple[str, float]:
+    """rbyz.sim.train's own step (sampler, grads, momentum, attack, rule, SGD) in its scanned
+    chunk, and ``seeds`` runs batched with ``vmap`` against the same runs one after the other."""
+    from rbyz.sim import train
+
+    dataset = harness_dataset()
+    exps = [harness_experiment(s) for s in range(seeds)]
+    tasks = [train.task(e, dataset=dataset) for e in exps]
+    states = [train.init_state(e, t) for e, t in zip(exps, tasks)]
+    data = [train.arrays(t)[0] for t in tasks]
+    step = train.make_step(exps[0], tasks[0])
+    chunk = train.make_chunk(step, steps)
+
+    def sequential():
+        return [chunk(st, d) for st, d in zip(states, data)]
+
+    # The tx's keys live in the state, so seed 0's update function serves every seed.
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    indices = jnp.stack([d.indices for d in data])
+    sizes = jnp.stack([d.sizes for d in data])
+
+    def one(state, idx, size):
+        arrays = train.Arrays(data[0].x, data[0].y, idx, size)
+        return lax.scan(lambda st, _: step(arrays, st), state, length=steps)
+
+    batched = jax.jit(jax.vmap(one))
+    timed = time_together({
+        "harness step (one run)": functools.partial(chunk, states[0], data[0]),
+        f"{seeds} seeds one after the other": sequential,
+        f"{seeds} seeds batched with vmap": functools.partial(batched, stacked, indices, sizes),
+    }, repeats=repeats)
+    one_run = timed["harness step (one run)"][0] / steps
+    seq = timed[f"{seeds} seeds one after the other"][0] / (steps * seeds)
+    vm = timed[f"{seeds} seeds batched with vmap"][0] / (steps * seeds)
+    table = tabulate([["rbyz.sim.train step, one run", f"{one_run * 1e3:.2f}", "-"],
+                      [f"{seeds} seeds, one after the other", f"{seq * 1e3:.2f}", "1.00"],
+                      [f"{seeds} seeds, one vmapped program", f"{vm * 1e3:.2f}",
+                       f"{seq / vm:.2f}"]],
+                     headers=["", "ms per step per run", "speedup of vmap"], tablefmt="github")
+    text = (f"The harness's own step (rbyz.sim.train.make_step: the iid sampler, per-worker "
+            f"gradients, momentum {BETA}, ALIE z={Z} on the momenta, trimmed mean, SGD), "
+            f"{steps} steps per scanned chunk; and {seeds} runs that differ only in their seed, "
+            f"batched into one compiled program with vmap.\n\n{table}")
+    return text, one_run
+
+
 # ----------------------------------------------------------------------------- (d) ByzFL
 
 
@@ -522,8 +590,11 @@ def main(argv=None):
             report += ["## (b) per-worker gradients", "", text, ""]
             print(text, flush=True)
     if "step" in sections or "byzfl" in sections:
-        text, rbyz_step = bench_step(repeats, steps, rate, grad_flops)
+        text, _ = bench_step(repeats, steps, rate, grad_flops)
         report += ["## (c) the defended step", "", text, ""]
+        print(text, flush=True)
+        text, rbyz_step = bench_harness(repeats, steps)
+        report += ["## (c') the harness's step, and seeds batched with vmap", "", text, ""]
         print(text, flush=True)
     if "byzfl" in sections:
         if args.no_byzfl:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rbyz.sim import config as config_lib
-from rbyz.sim import report, sweep
+from rbyz.sim import report, sweep, train
 
 
 def document() -> dict:
@@ -32,12 +32,10 @@ def source() -> str:
 def main(out: str | Path = "runs/demo", *, overrides: Sequence[str] = (),
          progress: bool = True) -> str:
     """Runs (or resumes) the demo sweep into ``out`` and returns the text it prints."""
-    from rbyz.sim import data
-
     doc = document()
     base = config_lib.override(config_lib.from_dict({k: v for k, v in doc.items()
                                                      if k != "sweep"}), overrides)
-    dataset = data.load(base.data.dataset, data_dir=base.data.dir or None)
+    dataset = train.dataset_of(base)
     rows = sweep.run_sweep(doc, out, overrides=overrides, progress=progress)
     out = Path(out)
     lines = [f"rbyz demo: n={base.workers.n}, f={base.workers.f}, {base.train.steps} steps, "

@@ -344,13 +344,19 @@ def _dataset(name: str, directory: str, test_size: int) -> data_lib.Dataset:
     return data_lib.load(name, data_dir=directory or None, test_size=test_size or None)
 
 
+def dataset_of(exp: Experiment) -> data_lib.Dataset:
+    """The dataset ``exp.data`` names, loaded once per process (a sweep's runs share it)."""
+    if exp.data.dataset == "synthetic":
+        return data_lib.synthetic(seed=0)
+    return _dataset(exp.data.dataset, exp.data.dir, exp.data.test_size)
+
+
 def task(exp: Experiment, *, model: models_lib.Model | None = None,
          dataset: data_lib.Dataset | None = None) -> Task:
     """Builds the defence (checking every setting first), then the data split and the model."""
     built = defence(exp)
     if dataset is None:
-        dataset = (data_lib.synthetic(seed=0) if exp.data.dataset == "synthetic"
-                   else _dataset(exp.data.dataset, exp.data.dir, exp.data.test_size))
+        dataset = dataset_of(exp)
     units = built.units // built.group_size
     part = partition_lib.partition(
         dataset.y_train, units, exp.data.partition, seed=_int_seed(_keys(exp)["data"]),
@@ -610,5 +616,5 @@ def _progress_bar(progress, exp: Experiment, done: int) -> Callable:
 
 
 __all__ = ("ALGORITHMS", "DATA_ATTACKS", "Arrays", "Defence", "History", "Task", "TrainState",
-           "arrays", "defence", "init_state", "make_chunk", "make_evaluate", "make_step", "row",
-           "schedule", "server_optimizer", "task", "train")
+           "arrays", "dataset_of", "defence", "init_state", "make_chunk", "make_evaluate",
+           "make_step", "row", "schedule", "server_optimizer", "task", "train")
