@@ -1,4 +1,5 @@
-"""The ``rbyz`` command line (typer): ``run``, ``sweep``, ``list``, ``report``, ``demo``, ``errors``.
+"""The ``rbyz`` command line (typer): ``run``, ``sweep``, ``list``, ``report``, ``demo``,
+``errors``.
 
 Every command checks its whole configuration before it trains: a bad setting ends with exit
 status 2 and a message naming the field (``rbyz run cfg.toml --set workers.f=20`` with Krum:

@@ -2,7 +2,8 @@
 
 ``rbyz errors`` (or ``python -m rbyz.sim.errors``) builds ``n`` honest gradients
 ``g_i = g* + sigma * xi_i`` of a two-leaf model, lets ``f`` Byzantine workers replace theirs
-with each attack of the library, aggregates the stack with each rule, and prints the error of each rule relative to the honest mean,
+with each attack of the library, aggregates the stack with each rule, and prints the error of
+each rule relative to the honest mean,
 
     err = ||agg(G) - mean(honest)|| / ||mean(honest)||,
 
