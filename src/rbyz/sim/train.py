@@ -358,10 +358,13 @@ def task(exp: Experiment, *, model: models_lib.Model | None = None,
     if dataset is None:
         dataset = dataset_of(exp)
     units = built.units // built.group_size
-    part = partition_lib.partition(
-        dataset.y_train, units, exp.data.partition, seed=_int_seed(_keys(exp)["data"]),
-        alpha=exp.data.alpha, classes_per_worker=exp.data.classes_per_worker,
-        gamma=exp.data.gamma)
+    try:
+        part = partition_lib.partition(
+            dataset.y_train, units, exp.data.partition, seed=_int_seed(_keys(exp)["data"]),
+            alpha=exp.data.alpha, classes_per_worker=exp.data.classes_per_worker,
+            gamma=exp.data.gamma)
+    except ValueError as err:
+        _fail("data.partition", str(err))
     if model is None:
         if exp.model.name not in models_lib.NAMES:
             _fail("model.name", f"unknown model {exp.model.name!r}; use one of "
