@@ -4,6 +4,7 @@ Layout of a run directory::
 
     config.toml     the resolved experiment (written first; a different one here is an error)
     results.csv     one row per evaluation so far (rewritten atomically after each)
+    diagnostics.csv one row per step so far, with ``diagnostics.enabled`` (likewise)
     checkpoints/    orbax-checkpoint steps: the training state and the rows up to that step
     summary.json    the final row, written last: the run is finished
 
@@ -34,6 +35,7 @@ from rbyz.sim import io, report
 
 CONFIG = "config.toml"
 RESULTS = "results.csv"
+DIAGNOSTICS = "diagnostics.csv"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 
@@ -98,8 +100,8 @@ class Store:
         return (self.directory / SUMMARY).exists()
 
     def restore(self, template):
-        """``(state, rows)`` of the last checkpoint, restored into ``template``'s structure, or
-        ``None`` when there is none."""
+        """``(state, rows, diagnostic rows)`` of the last checkpoint, restored into
+        ``template``'s structure, or ``None`` when there is none."""
         import orbax.checkpoint as ocp
 
         if not (self.directory / CHECKPOINTS).exists():
@@ -112,18 +114,22 @@ class Store:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), rows=ocp.args.JsonRestore()))
         rows = list(restored.rows["rows"])
-        return restored.state, rows
+        return restored.state, rows, list(restored.rows.get("diagnostics", []))
 
-    def save(self, state, rows: list[dict], *, checkpoint: bool, final: bool) -> None:
-        """Writes the rows so far; checkpoints the state when asked (always on the last step);
-        writes the summary last when ``final``."""
+    def save(self, state, rows: list[dict], *, checkpoint: bool, final: bool,
+             diagnostics: list[dict] = ()) -> None:
+        """Writes the rows (and the per-step diagnostic rows) so far; checkpoints the state with
+        them when asked (always on the last step); writes the summary last when ``final``."""
         report.write_results(self.directory / RESULTS, rows)
+        if diagnostics:
+            report.write_results(self.directory / DIAGNOSTICS, diagnostics)
         if checkpoint or final:
             import orbax.checkpoint as ocp
 
             manager = self._checkpoints()
+            saved = {"rows": rows, "diagnostics": list(diagnostics)}
             manager.save(int(state.step), args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), rows=ocp.args.JsonSave({"rows": rows})),
+                state=ocp.args.StandardSave(state), rows=ocp.args.JsonSave(saved)),
                 force=True)
             manager.wait_until_finished()
         if final:
@@ -134,4 +140,4 @@ class Store:
         return report.read_results(self.directory / RESULTS)
 
 
-__all__ = ("CHECKPOINTS", "CONFIG", "RESULTS", "SUMMARY", "Store")
+__all__ = ("CHECKPOINTS", "CONFIG", "DIAGNOSTICS", "RESULTS", "SUMMARY", "Store")

@@ -1,7 +1,7 @@
 """Experiments as data: dataclasses read from TOML, checked field by field, overridable.
 
 An experiment is an :class:`Experiment` (sections ``data``, ``model``, ``workers``, ``attack``,
-``defence``, ``train``). It is read from a TOML file with :func:`load` (parsed with ``tomllib``:
+``defence``, ``train``, ``diagnostics``). It is read from a TOML file with :func:`load` (parsed with ``tomllib``:
 data only, nothing evaluated), every key checked against the dataclass fields (an unknown key or
 a wrong type is a ``ValueError`` naming the field), and overridden from the command line with
 ``section.field=value`` strings (:func:`override`; the value is read as a TOML value, so
@@ -155,6 +155,21 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Per-step measurements of why a defence holds or fails (:mod:`rbyz.sim.diagnostics`),
+    written to ``diagnostics.csv`` in the run directory.
+
+    Attributes:
+      enabled: log them (costs one reverse-mode pass through the aggregator per step).
+      z: the multiples of the workers' standard deviation counted in the ``below_z`` columns
+        (the ALIE rebuttal's ``1/2, 1, 2``).
+    """
+
+    enabled: bool = False
+    z: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """One training run: every setting, with the paper defaults where there is one."""
 
@@ -166,6 +181,7 @@ class Experiment:
     attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
     defence: DefenceConfig = dataclasses.field(default_factory=DefenceConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
 
     @property
     def rule_label(self) -> str:
@@ -229,6 +245,13 @@ def _coerce(value, hint, path: str):
             raise wrong("a table")
         _check_plain(value, path)
         return dict(value)
+    if hint == tuple[float, ...]:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise wrong("a list of numbers")
+        return tuple(float(v) for v in value)
     if typing.get_origin(hint) is tuple:
         if isinstance(value, str):
             value = [value]
@@ -416,6 +439,7 @@ def expand(document: Mapping) -> list[Experiment]:
     return grid
 
 
-__all__ = ("AttackConfig", "DataConfig", "DefenceConfig", "Experiment", "ModelConfig",
+__all__ = ("AttackConfig", "DataConfig", "DefenceConfig", "DiagnosticsConfig", "Experiment",
+           "ModelConfig",
            "TrainConfig", "WorkersConfig", "expand", "from_dict", "load", "override", "read",
            "to_dict")

@@ -38,6 +38,7 @@ import optax
 from rbyz import aggregators, attacks, coding, preaggregators, transforms
 from rbyz._src.spec import REQUIRED
 from rbyz.sim import data as data_lib
+from rbyz.sim import diagnostics as diagnostics_lib
 from rbyz.sim import grads as grads_lib
 from rbyz.sim import models as models_lib
 from rbyz.sim import partition as partition_lib
@@ -72,6 +73,8 @@ class Defence(NamedTuple):
       units: rows of gradients computed per step (``n``, or the number of partitions).
       group_size: ``r`` for grouped sampling, else 1.
       flip_labels: the Byzantine workers train on flipped labels (the data attack).
+      stages: the parts of ``tx`` when it is a :func:`rbyz.transforms.robust` chain (an
+        aggregator), for the diagnostics to look inside a step; else ``None``.
     """
 
     tx: optax.GradientTransformation
@@ -79,6 +82,7 @@ class Defence(NamedTuple):
     units: int
     group_size: int
     flip_labels: bool
+    stages: transforms.Stages | None = None
 
 
 def server_optimizer(exp: Experiment) -> optax.GradientTransformation:
@@ -207,6 +211,10 @@ def _check_common(exp: Experiment) -> None:
         _fail("train.checkpoint_every", f"must be >= 0; got {train.checkpoint_every}.")
     if exp.data.batch_size < 1:
         _fail("data.batch_size", f"must be >= 1; got {exp.data.batch_size}.")
+    z = exp.diagnostics.z
+    if exp.diagnostics.enabled and not (z and all(v > 0 for v in z)):
+        _fail("diagnostics.z", f"needs one or more multiples of the standard deviation > 0, "
+                               f"e.g. z = [0.5, 1, 2]; got {list(z)}.")
 
 
 def defence(exp: Experiment) -> Defence:
@@ -241,11 +249,11 @@ def defence(exp: Experiment) -> Defence:
             _check_hparams(preaggregators.spec(name), hparams, f"defence.pre_hparams.{name}")
             pre.append(functools.partial(preaggregators.get(name), **hparams))
         _check_hparams(aggregators.spec(rule), exp.defence.hparams, "defence.hparams")
-        tx = transforms.robust(rule, optimizer=optimizer, f=f, pre=pre, attack=attack_fn,
-                               attack_on=exp.attack.on, momentum=exp.workers.momentum, n=n,
-                               key=_int_seed(attack_key), positions=exp.attack.positions,
-                               **exp.defence.hparams)
-        return Defence(tx, "workers", n, 1, flip)
+        stages = transforms.robust_stages(
+            rule, optimizer=optimizer, f=f, pre=pre, attack=attack_fn, attack_on=exp.attack.on,
+            momentum=exp.workers.momentum, n=n, key=_int_seed(attack_key),
+            positions=exp.attack.positions, **exp.defence.hparams)
+        return Defence(optax.chain(*stages.transforms), "workers", n, 1, flip, stages)
 
     if rule not in ALGORITHMS:
         _fail("defence.rule", f"unknown rule {rule!r}; use an aggregator "
@@ -423,11 +431,14 @@ def arrays(t: Task) -> tuple[Arrays, Arrays]:
 
 
 def make_step(exp: Experiment, t: Task) -> Callable:
-    """``step(data, state) -> (state, train_loss)``: one training step of every worker.
+    """``step(data, state) -> (state, metrics)``: one training step of every worker.
 
-    ``train_loss`` is the mean loss of the workers that train on true labels. ``data`` is the
-    :class:`Arrays` of the training set.
+    ``metrics["train_loss"]`` is the mean loss of the workers that train on true labels; with
+    ``diagnostics.enabled`` the metrics also hold ``below_z`` (``[len(z)]`` counts) and
+    ``byzantine_share`` (:mod:`rbyz.sim.diagnostics`). ``data`` is
+    the :class:`Arrays` of the training set.
     """
+    inspect = exp.diagnostics.enabled
     num_classes = t.dataset.num_classes
     d, batch = t.defence, exp.data.batch_size
     n, f = exp.workers.n, exp.workers.f
@@ -451,21 +462,29 @@ def make_step(exp: Experiment, t: Task) -> Callable:
             honest = honest.at[positions].set(False)
             y = partition_lib.flip_labels(y, ~honest, num_classes)
         losses, grads = grads_lib.per_worker_grads(loss_fn, state.params, x, y)
-        updates, opt_state = d.tx.update(grads, state.opt_state, state.params)
+        metrics = {}
+        if inspect and d.stages is not None:
+            updates, opt_state, metrics["byzantine_share"] = diagnostics_lib.inspected_update(
+                d.stages, grads, state.opt_state, state.params)
+        else:
+            updates, opt_state = d.tx.update(grads, state.opt_state, state.params)
+            if inspect:
+                metrics["byzantine_share"] = jnp.float32(np.nan)
+        if inspect:
+            metrics["below_z"] = diagnostics_lib.coordinates_below(grads, exp.diagnostics.z)
         params = optax.apply_updates(state.params, updates)
         weights = honest.astype(losses.dtype)
-        loss = jnp.sum(losses * weights) / jnp.sum(weights)
-        return TrainState(state.step + 1, state.key, params, opt_state), loss
+        metrics["train_loss"] = jnp.sum(losses * weights) / jnp.sum(weights)
+        return TrainState(state.step + 1, state.key, params, opt_state), metrics
 
     return step
 
 
 def make_chunk(step: Callable, length: int) -> Callable:
-    """``chunk(state, data) -> (state, mean train loss)``: ``length`` steps in one compiled
-    ``lax.scan``."""
+    """``chunk(state, data) -> (state, metrics)``: ``length`` steps in one compiled
+    ``lax.scan``; every metric of :func:`make_step` stacked over the steps (``[length, ...]``)."""
     def chunk(state, data):
-        state, losses = jax.lax.scan(lambda s, _: step(data, s), state, length=length)
-        return state, jnp.mean(losses)
+        return jax.lax.scan(lambda s, _: step(data, s), state, length=length)
     return jax.jit(chunk)
 
 
@@ -497,10 +516,12 @@ def make_evaluate(t: Task, *, batch: int = 1000) -> Callable:
 
 
 class History(NamedTuple):
-    """A finished run: its final state and its evaluation rows (one per evaluation step)."""
+    """A finished run: its final state, its evaluation rows (one per evaluation step) and, with
+    ``diagnostics.enabled``, its diagnostic rows (one per training step)."""
 
     state: TrainState
     rows: list
+    diagnostics: list = []
 
 
 def row(exp: Experiment, step: int, accuracy: float, test_loss: float, train_loss: float,
@@ -563,11 +584,12 @@ def train(exp: Experiment, *, model: models_lib.Model | None = None,
     step = make_step(exp, t)
     evaluate = make_evaluate(t)
     rows: list[dict] = []
+    diagnostic_rows: list[dict] = []
     store = checkpoint_lib.Store(run_dir, exp) if run_dir is not None else None
     if store is not None:
         restored = store.restore(state)
         if restored is not None:
-            state, rows = restored
+            state, rows, diagnostic_rows = restored
     done = int(state.step)
     bar = _progress_bar(progress, exp, done)
     started = time.perf_counter() - (rows[-1]["wall_s"] if rows else 0.0)
@@ -579,18 +601,41 @@ def train(exp: Experiment, *, model: models_lib.Model | None = None,
         length = point - previous
         if length not in chunks:
             chunks[length] = make_chunk(step, length)
-        state, loss = chunks[length](state, train_data)
+        state, metrics = chunks[length](state, train_data)
         accuracy, test_loss = evaluate(state.params, test_data)
-        rows.append(row(exp, point, float(accuracy), float(test_loss), float(loss),
-                        time.perf_counter() - started, run, t.dataset.name))
+        rows.append(row(exp, point, float(accuracy), float(test_loss),
+                        float(jnp.mean(metrics["train_loss"])), time.perf_counter() - started,
+                        run, t.dataset.name))
+        if exp.diagnostics.enabled:
+            diagnostic_rows += _diagnostic_rows(exp, previous, metrics, run, t)
         if store is not None:
-            store.save(state, rows, final=point == exp.train.steps,
+            store.save(state, rows, diagnostics=diagnostic_rows, final=point == exp.train.steps,
                        checkpoint=(exp.train.checkpoint_every > 0
                                    and evaluations % exp.train.checkpoint_every == 0))
         bar(length)
         previous = point
     bar(None)
-    return History(state, rows)
+    return History(state, rows, diagnostic_rows)
+
+
+def _diagnostic_rows(exp: Experiment, first: int, metrics: dict, run: str, t: Task) -> list:
+    """One row per step of a chunk that started after step ``first``: the run's key columns,
+    ``test_accuracy`` ``nan`` (evaluations are in ``results.csv``), the step's train loss and
+    the diagnostics (:func:`rbyz.sim.diagnostics.columns`)."""
+    host = jax.device_get(metrics)
+    coordinates = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(
+        jax.eval_shape(t.model.init, 0)))
+    z_columns = [diagnostics_lib.column(z) for z in exp.diagnostics.z]
+    out = []
+    for i, loss in enumerate(host["train_loss"]):
+        base = row(exp, first + i + 1, float("nan"), float("nan"), float(loss), 0.0, run,
+                   t.dataset.name)
+        for key in ("test_loss", "wall_s"):
+            del base[key]
+        base.update({c: int(v) for c, v in zip(z_columns, host["below_z"][i])})
+        base.update(coordinates=coordinates, byzantine_share=float(host["byzantine_share"][i]))
+        out.append(base)
+    return out
 
 
 def _progress_bar(progress, exp: Experiment, done: int) -> Callable:

@@ -52,11 +52,14 @@ from rbyz.transforms.per_worker import WorkerNoiseState
 from rbyz.transforms.per_worker import add_worker_noise
 from rbyz.transforms.per_worker import per_worker
 from rbyz.transforms.per_worker import sign
+from rbyz.transforms.robust import Stages
 from rbyz.transforms.robust import robust
+from rbyz.transforms.robust import robust_stages
 
 __all__ = (
     "AggregateState",
     "ByzantineState",
+    "Stages",
     "PerWorkerState",
     "WorkerNoiseState",
     "add_worker_noise",
@@ -71,6 +74,7 @@ __all__ = (
     "repetition_aggregate",
     "robust",
     "robust_sgd",
+    "robust_stages",
     "sign",
     "signsgd_majority",
 )

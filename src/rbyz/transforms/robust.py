@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,23 @@ from rbyz.transforms.byzantine import byzantine
 from rbyz.transforms.per_worker import per_worker
 
 ATTACK_TARGETS = ("momentum", "gradients")
+
+
+class Stages(NamedTuple):
+    """The parts of a :func:`robust` chain, for code that runs them one by one to look inside
+    a step (:mod:`rbyz.sim.diagnostics`: which rows the attack replaced, each row's weight in
+    the aggregate).
+
+    Attributes:
+      transforms: the chain's transforms in order; ``optax.chain(*transforms)`` is
+        :func:`robust`'s result, and its state is the tuple of their states.
+      attack: the index of the :func:`rbyz.transforms.byzantine` transform (``None``: no attack).
+      aggregate: the index of the :func:`rbyz.transforms.aggregate` transform.
+    """
+
+    transforms: tuple
+    attack: int | None
+    aggregate: int
 
 
 def _rule_with_f(rule, f: int | None, hparams: dict):
@@ -121,6 +138,41 @@ def robust(
       Karimireddy, He, Jaggi, `Learning from History for Byzantine Robust Optimization`,
       ICML 2021 (worker momentum against attacks on the momenta).
     """
+    stages = robust_stages(rule, optimizer=optimizer, f=f, pre=pre, attack=attack,
+                           attack_on=attack_on, momentum=momentum, n=n, key=key,
+                           positions=positions, omniscient=omniscient, axis_name=axis_name,
+                           tiled=tiled, layout=layout, **hparams)
+    return optax.chain(*stages.transforms)
+
+
+def robust_stages(
+    rule: Callable | str,
+    *,
+    optimizer: optax.GradientTransformation,
+    f: int | None = None,
+    pre: Sequence[Callable | str] = (),
+    attack: Callable | str | None = None,
+    attack_on: str = "momentum",
+    momentum: float = 0.0,
+    n: int | None = None,
+    key=None,
+    positions: str | Sequence[int] = "last",
+    omniscient: bool | None = None,
+    axis_name: str | None = None,
+    tiled: bool = False,
+    layout: str = "gather",
+    **hparams,
+) -> Stages:
+    """The transforms of :func:`robust` in their order, with where the attack and the
+    aggregation sit (:class:`Stages`). Same arguments and checks as :func:`robust`.
+
+    Example:
+      >>> import optax
+      >>> stages = robust_stages("median", f=1, attack="sign_flip", momentum=0.9, n=5,
+      ...                        optimizer=optax.sgd(0.1))
+      >>> len(stages.transforms), stages.attack, stages.aggregate
+      (4, 1, 2)
+    """
     checks.require(attack_on in ATTACK_TARGETS, "robust",
                    f"attack_on must be 'momentum' or 'gradients'; got {attack_on!r}.")
     checks.require(isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0, "robust",
@@ -159,7 +211,8 @@ def robust(
     first, second = (momentum_tx, attack_tx) if attack_on == "momentum" else \
         (attack_tx, momentum_tx)
     parts += [tx for tx in (first, second) if tx is not None]
+    attack_at = parts.index(attack_tx) if attack_tx is not None else None
     parts.append(aggregate(combined, axis_name=axis_name, tiled=tiled, layout=layout,
                            key=rule_key))
     parts.append(optimizer)
-    return optax.chain(*parts)
+    return Stages(tuple(parts), attack_at, len(parts) - 2)
