@@ -229,12 +229,39 @@ def resolve_attack(attack: str | Callable | None) -> Callable | None:
     return attacks.get(attack)
 
 
-def local_majorities(partition_grads, G):
-    """Every worker's message ``M_j = sign(sum_i G[j, i] sign(g_i))`` (``sign(0) = 0``).
+def check_noise(noise_std, key, rule: str) -> float:
+    """``noise_std`` as a finite float ``>= 0`` (a key needed when ``> 0``), else ValueError."""
+    checks.require(
+        isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool)
+        and bool(np.isfinite(noise_std)) and noise_std >= 0,
+        rule,
+        f"noise_std must be a finite number >= 0 (the std of the Gaussian noise added to every "
+        f"partition gradient before its sign); got noise_std={noise_std!r}.",
+    )
+    checks.require(
+        noise_std == 0 or key is not None,
+        rule,
+        f"noise_std={noise_std} draws Gaussian noise and needs key=... (an int seed or a jax key, "
+        "a fresh one each step).",
+    )
+    return float(noise_std)
+
+
+def local_majorities(partition_grads, G, *, noise_std: float = 0.0, key=None):
+    """Every worker's message ``M_j = sign(sum_i G[j, i] sign(g_i + s xi_ji))`` (``sign(0) = 0``).
+
+    With ``noise_std = s > 0`` every worker adds its own Gaussian noise ``s xi_ji``,
+    ``xi_ji ~ N(0, I)`` independent per (worker, partition, step), to each partition gradient
+    it computes, before the sign: the noisy-gradient experiment of the authors' rebuttal and of
+    their code's ``--noisy_gradient --variance s`` (``s`` used as a std; the rebuttal's
+    "variance 1e-8" is ``s = 1e-4``). ``xi_ji`` is drawn from ``fold_in(fold_in(key, j), i)``
+    (one split per leaf). ``s = 0`` (default) draws nothing and needs no key.
 
     Args:
       partition_grads: stacked pytree, every leaf ``[k, ...]``: one gradient per partition.
       G: allocation matrix ``[n, k]`` (concrete).
+      noise_std: ``s >= 0``, the std of the noise before the signs (static).
+      key: PRNG key or int seed, required when ``noise_std > 0``.
 
     Returns:
       Stacked pytree, every leaf ``[n, ...]`` float32 in ``{-1, 0, 1}`` (exact integer sums).
@@ -244,6 +271,10 @@ def local_majorities(partition_grads, G):
       >>> local_majorities(jnp.array([[1.0], [-2.0], [3.0]]), [[1, 1, 1], [1, 1, 0]])
       Array([[1.],
              [0.]], dtype=float32)
+      >>> local_majorities(jnp.array([[1.0], [-2.0], [3.0]]), [[1, 1, 1], [1, 1, 0]],
+      ...                  noise_std=1e-4, key=0)  # noise far below |g|: the same signs
+      Array([[1.],
+             [0.]], dtype=float32)
 
     References:
       Sohn, Han, Choi, Moon, `Election Coding for Distributed Learning: Protecting SignSGD
@@ -251,21 +282,41 @@ def local_majorities(partition_grads, G):
     """
     k = tree_util.num_workers(partition_grads, "election_vote")
     G = check_code(G, "election_vote", partitions=k)
+    noise_std = check_noise(noise_std, key, "election_vote")
+    leaves, treedef = jax.tree.flatten(partition_grads)
+    leaf_keys = ([None] * len(leaves) if noise_std == 0
+                 else list(jax.random.split(checks.as_key(key, "election_vote"), len(leaves))))
 
-    def leaf_messages(leaf):
-        signs = tree_util.rows(jnp.sign(leaf.astype(jnp.float32)))
+    def leaf_messages(leaf, leaf_key):
+        leaf = leaf.astype(jnp.float32)
+        if leaf_key is None:
+            signs = tree_util.rows(jnp.sign(leaf))
+            return jnp.stack([
+                jnp.sign(tree_util.sum_rows([signs[i] for i in np.flatnonzero(row)])) for row in G
+            ])
+        rows = tree_util.rows(leaf)
+
+        def noisy_sign(j, i):
+            xi = jax.random.normal(jax.random.fold_in(jax.random.fold_in(leaf_key, j), i),
+                                   rows[i].shape, jnp.float32)
+            return jnp.sign(rows[i] + noise_std * xi)
+
         return jnp.stack([
-            jnp.sign(tree_util.sum_rows([signs[i] for i in np.flatnonzero(row)])) for row in G
+            jnp.sign(tree_util.sum_rows([noisy_sign(j, int(i)) for i in np.flatnonzero(row)]))
+            for j, row in enumerate(G)
         ])
 
-    return jax.tree.map(leaf_messages, partition_grads)
+    return jax.tree.unflatten(treedef, [leaf_messages(leaf, k_) for leaf, k_ in zip(leaves,
+                                                                                   leaf_keys)])
 
 
 def election_vote(partition_grads, G, *, byzantine: Sequence[int] = (),
-                  attack: str | Callable | None = "sign_reverse", key=None):
+                  attack: str | Callable | None = "sign_reverse", key=None,
+                  noise_std: float = 0.0):
     """Election Coding: workers vote on their partitions' signs, the master on the workers'.
 
-    ``M_j = sign(sum_i G[j, i] sign(g_i))`` (:func:`local_majorities`), the Byzantine rows of
+    ``M_j = sign(sum_i G[j, i] sign(g_i))`` (:func:`local_majorities`; with ``noise_std`` each
+    worker perturbs its partition gradients first), the Byzantine rows of
     ``M`` replaced by the attack (through :func:`rbyz.attacks.inject` at the given positions,
     the attack knowing only the Byzantine workers' own messages), then ``v = sign(sum_j M_j)``
     with ``sign(0) = 0`` (a tie does not move the coordinate). Sums are exact integers in
@@ -279,7 +330,10 @@ def election_vote(partition_grads, G, *, byzantine: Sequence[int] = (),
         ``attack(own, *, f=b, key=...) -> [b, ...]``), given the Byzantine workers' own honest
         messages ``own``; default ``"sign_reverse"``, the reference's (each sends the negation
         of its honest message). ``None``: no attack.
-      key: PRNG key for a random attack (e.g. ``"sign_random"``), split by ``inject``.
+      key: PRNG key for a random attack (e.g. ``"sign_random"``), split by ``inject``, or for
+        the noise; with both, ``k_noise, k_attack = jax.random.split(key)``.
+      noise_std: std of the Gaussian noise each worker adds to every partition gradient before
+        its sign (:func:`local_majorities`); ``0`` (default): none.
 
     Returns:
       Pytree of votes in ``{-1, 0, 1}``, leaves ``[...]``, input dtype.
@@ -296,7 +350,11 @@ def election_vote(partition_grads, G, *, byzantine: Sequence[int] = (),
       Sohn, Han, Choi, Moon, `Election Coding for Distributed Learning: Protecting SignSGD
       against Byzantine Attacks`, NeurIPS 2020.
     """
-    messages = local_majorities(partition_grads, G)
+    noise_std = check_noise(noise_std, key, "election_vote")
+    noise_key = None
+    if noise_std > 0:
+        noise_key, key = jax.random.split(checks.as_key(key, "election_vote"))
+    messages = local_majorities(partition_grads, G, noise_std=noise_std, key=noise_key)
     byzantine = check_byzantine(byzantine, np.asarray(G).shape[0], "election_vote")
     attack = resolve_attack(attack)
     if byzantine and attack is not None:
@@ -310,6 +368,7 @@ def election_vote(partition_grads, G, *, byzantine: Sequence[int] = (),
 __all__ = (
     "Redundancy",
     "bernoulli_code",
+    "check_noise",
     "deterministic_code",
     "election_vote",
     "identity_code",

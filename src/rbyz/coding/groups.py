@@ -33,9 +33,11 @@ from rbyz._src import tree as tree_util
 from rbyz.aggregators.hierarchical import DETOX, Stage2, bind_stage, hierarchical, plain
 
 FALLBACKS = ("median", "boyer_moore")
-STAGE2_PRESETS = ("median_of_means", "multi_krum", "bulyan")
-# Whether the DETOX reference permutes the group winners before its stage 2 (every step).
-REFERENCE_SHUFFLES = {"median_of_means": True, "multi_krum": True, "bulyan": False}
+STAGE2_PRESETS = ("median_of_means", "multi_krum", "bulyan", "sign_majority")
+# Whether the DETOX reference permutes the group winners before its stage 2 (every step). The
+# sign vote (DETOX paired with signSGD, the authors' rebuttal) has one bucket: nothing to permute.
+REFERENCE_SHUFFLES = {"median_of_means": True, "multi_krum": True, "bulyan": False,
+                      "sign_majority": False}
 
 DRACO = _spec.Reference(
     "Chen, Wang, Charles, Papailiopoulos",
@@ -337,8 +339,17 @@ def _preset(name: str, groups: int, f_eff: int, buckets: int | None, shuffle: bo
         return hierarchical(_multi_krum_in_bucket, plain(aggregators.mean), buckets=k,
                             shuffle=shuffle)
     checks.require(buckets is None, "detox",
-                   f"the bulyan stage 2 runs on all winners (one bucket); got buckets={buckets}. "
+                   f"the {name} stage 2 runs on all winners (one bucket); got buckets={buckets}. "
                    "Drop buckets.")
+    if name == "sign_majority":
+        checks.require(
+            groups > 2 * f_eff,
+            "detox",
+            f"sign_majority needs n/r > 2 f_eff (the honest winners must outvote the adversary's); "
+            f"{where}. Use more workers or a smaller r.",
+        )
+        return hierarchical(aggregators.sign_majority, plain(aggregators.mean), buckets=1,
+                            shuffle=shuffle)
     checks.require(
         groups >= 4 * f_eff + 3,
         "detox",
@@ -381,6 +392,11 @@ def detox(updates, *, f: int, r: int, stage2: str | Stage2 = "median_of_means",
       every bucket ``>= 2 f_eff + 3``.
     - ``"bulyan"``: ``rbyz.aggregators.bulyan`` on all winners with ``f_eff`` (the library's
       Bulyan, not the reference's one-pass variant). Needs ``n / r >= 4 f_eff + 3``.
+    - ``"sign_majority"``: DETOX paired with signSGD (the authors' rebuttal, "D-signSGD"): the
+      majority vote of the winners' signs, ``sign(sum_g sign(w_g))`` with ``sign(0) = 0``
+      (:func:`rbyz.aggregators.sign_majority`), on all winners. The output is in
+      ``{-1, 0, 1}``; the vote inside each group is on the raw updates, which for honest members
+      are identical, so it equals the vote on their signs. Needs ``n / r > 2 f_eff``.
     - a callable: a declared stage-2 rule ``stage2(winners, *, f)`` or, declared ``key=True``,
       ``stage2(winners, *, f, key)``, e.g. from :func:`rbyz.aggregators.hierarchical`.
 
@@ -388,7 +404,7 @@ def detox(updates, *, f: int, r: int, stage2: str | Stage2 = "median_of_means",
     ``"multi_krum"`` presets permute the winners at random before bucketing (``shuffle=None``
     or ``True``), and then need a ``key``, a fresh one each step; ``shuffle=False`` keeps the
     group order and takes no key. ``"bulyan"`` has one bucket and does not shuffle unless told
-    to. :func:`detox_needs_key` says which.
+    to, nor does ``"sign_majority"``. :func:`detox_needs_key` says which.
 
     Args:
       updates: stacked pytree, every leaf ``[n, ...]``, workers ordered by group

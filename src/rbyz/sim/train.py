@@ -51,7 +51,7 @@ ALGORITHMS = {
     "noisy_median_sgd": {"b": 1e-3},
     "detox": {"r": 3, "stage2": "median_of_means", "buckets": None, "fallback": "median"},
     "draco": {"r": None, "fallback": "median"},
-    "election_coding": {"code": "bernoulli", "r": 3.0, "b": None},
+    "election_coding": {"code": "bernoulli", "r": 3.0, "b": None, "noise_std": 0.0},
 }
 DATA_ATTACKS = ("label_flip",)
 ATTACK_TARGETS = ("momentum", "gradients")
@@ -305,8 +305,15 @@ def _probe(tx, n: int) -> None:
 
 def _election(exp: Experiment, hp: dict, optimizer, seed: int, attack_fn) -> Defence:
     """Election Coding: the code ``G`` (``b`` Byzantine workers tolerated, default ``f``), one
-    gradient per partition, the Byzantine workers' sign attack inside the vote."""
+    gradient per partition, the Byzantine workers' sign attack inside the vote; ``noise_std``:
+    the Gaussian noise each worker adds to its partition gradients before the signs (the
+    rebuttal's noisy-gradient runs; key-derived from the seed)."""
     n, f = exp.workers.n, exp.workers.f
+    noise_std = hp["noise_std"]
+    if (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float))
+            or not np.isfinite(noise_std) or noise_std < 0):
+        _fail("defence.hparams.noise_std", f"the std of the noise before the signs must be a "
+                                           f"finite number >= 0 (e.g. 1e-4); got {noise_std!r}.")
     if exp.workers.momentum > 0:
         _fail("workers.momentum", "election_coding votes on signs of partition gradients; "
                                   "use the server's momentum (train.server_momentum) instead.")
@@ -328,9 +335,10 @@ def _election(exp: Experiment, hp: dict, optimizer, seed: int, attack_fn) -> Def
         byzantine = tuple(int(i) for i in attacks.byzantine_positions(n, f,
                                                                       exp.attack.positions))
     attack = attack_fn if byzantine else None
-    keyed = attack is not None and attacks.spec(exp.attack.name).key
+    keyed = (attack is not None and attacks.spec(exp.attack.name).key) or noise_std > 0
     tx = optax.chain(transforms.election_vote_aggregate(G, byzantine=byzantine, attack=attack,
-                                                        key=seed if keyed else None), optimizer)
+                                                        key=seed if keyed else None,
+                                                        noise_std=float(noise_std)), optimizer)
     return Defence(tx, "partitions", int(G.shape[1]), 1, False)
 
 

@@ -144,21 +144,24 @@ def _attack_needs_key(attack: Callable, key) -> bool:
 
 def election_vote_aggregate(G, *, byzantine: Sequence[int] = (),
                             attack: str | Callable | None = "sign_reverse", key=None,
-                            axis_name: str | None = None,
+                            noise_std: float = 0.0, axis_name: str | None = None,
                             ) -> optax.GradientTransformationExtraArgs:
     """:func:`rbyz.coding.election_vote` as an optax transform, in place of a plain majority vote.
 
     It consumes per-partition gradients (``[k, ...]``, partition axis first) and returns the
     master's vote in ``{-1, 0, 1}``, so it comes first in a ``signsgd_majority``-style chain,
     e.g. ``optax.chain(election_vote_aggregate(G), optax.sgd(lr, momentum=0.9))`` as in the
-    paper's runs. A random attack (declared ``key=True``, e.g. ``"sign_random"``) needs a key,
-    kept in the state and split every step; a deterministic one takes none.
+    paper's runs. A random attack (declared ``key=True``, e.g. ``"sign_random"``) or Gaussian
+    noise before the signs (``noise_std > 0``, the rebuttal's noisy-gradient runs) needs a key,
+    kept in the state and split every step; otherwise it takes none.
 
     Args:
       G: allocation matrix ``[n, k]`` (concrete).
       byzantine: static Byzantine worker indices.
       attack: see :func:`rbyz.coding.election_vote`.
-      key: PRNG key or int seed, for a random attack only.
+      key: PRNG key or int seed, for a random attack or ``noise_std > 0`` only.
+      noise_std: std of the Gaussian noise every worker adds to each partition gradient before
+        its sign (see :func:`rbyz.coding.local_majorities`); ``0``: none.
       axis_name: ``None`` for stacked partition gradients, or the axis to gather them over.
 
     Returns:
@@ -180,11 +183,16 @@ def election_vote_aggregate(G, *, byzantine: Sequence[int] = (),
     byzantine = election.check_byzantine(byzantine, G.shape[0], "election_vote_aggregate")
     attack = election.resolve_attack(attack)
     attacked = bool(byzantine) and attack is not None
-    keyed = attacked and _attack_needs_key(attack, key)
-    _check_key("election_vote_aggregate", keyed, key,
-               f"the attack {getattr(attack, '__name__', attack)!r}" if attacked
-               else "the vote with no attack", "choose a deterministic attack")
-    vote = functools.partial(election.election_vote, G=G, byzantine=byzantine, attack=attack)
+    noise_std = election.check_noise(noise_std, 0, "election_vote_aggregate")
+    keyed = (attacked and _attack_needs_key(attack, key)) or noise_std > 0
+    subject = (f"the attack {getattr(attack, '__name__', attack)!r}" if attacked
+               else "the vote with no attack")
+    if noise_std > 0:
+        subject = f"the noise (noise_std={noise_std})"
+    _check_key("election_vote_aggregate", keyed, key, subject,
+               "choose a deterministic attack and noise_std=0")
+    vote = functools.partial(election.election_vote, G=G, byzantine=byzantine, attack=attack,
+                             noise_std=noise_std)
     if keyed:
         def rule(partition_grads, *, key):
             return vote(partition_grads, key=key)
