@@ -353,7 +353,7 @@ def train_subset(ds: Dataset, size: int, seed: int) -> Dataset:
     Example:
       >>> ds = train_subset(synthetic(), 100, seed=0)
       >>> ds.x_train.shape[0], np.bincount(ds.y_train).tolist()
-      (100, [10, 10, 10, 10, 10, 10, 10, 10, 10, 10])
+      (100, [9, 10, 10, 10, 9, 11, 10, 10, 10, 11])
     """
     count = len(ds.y_train)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= count:
