@@ -54,8 +54,12 @@ class DataConfig:
       alpha: Dirichlet concentration (``partition="dirichlet"``).
       classes_per_worker: classes held by each worker (``partition="classes"``).
       gamma: fraction distributed iid (``partition="gamma"``).
-      batch_size: examples per worker per step.
+      batch_size: examples per worker per step (``0``: full batch, every worker's whole
+        shard every step, as in Chen et al. 2020's experiments).
       test_size: test examples used for evaluation (``0``: the whole test set).
+      train_size: training examples kept before the partition, a fixed stratified subset drawn
+        from the run's seed (``0``: the whole training set); e.g. ``1000`` with ``n = 10`` and
+        ``partition = "classes"`` gives 10 workers x 100 examples of one class each.
     """
 
     dataset: str = "auto"
@@ -66,6 +70,7 @@ class DataConfig:
     gamma: float = 0.5
     batch_size: int = 32
     test_size: int = 0
+    train_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

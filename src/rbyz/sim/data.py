@@ -340,6 +340,31 @@ def _subset_test(x: np.ndarray, y: np.ndarray, test_size: int | None):
     return x[keep], y[keep]
 
 
+def train_subset(ds: Dataset, size: int, seed: int) -> Dataset:
+    """``ds`` with a fixed stratified subset of ``size`` training examples (file order kept):
+    every class keeps its share within one example, drawn with ``seed``. The test set and the
+    standardisation (the whole training set's statistics) are unchanged.
+
+    Args:
+      ds: a dataset.
+      size: training examples to keep, ``1 <= size <= len(ds.y_train)`` (all: ``ds`` itself).
+      seed: the NumPy seed of the draw.
+
+    Example:
+      >>> ds = train_subset(synthetic(), 100, seed=0)
+      >>> ds.x_train.shape[0], np.bincount(ds.y_train).tolist()
+      (100, [9, 10, 10, 10, 9, 11, 10, 10, 10, 11])
+    """
+    count = len(ds.y_train)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= count:
+        raise ValueError(f"train_subset: size must be an int in [1, {count}] (the {ds.name} "
+                         f"training set has {count} examples); got {size!r}.")
+    if size == count:
+        return ds
+    keep = _stratified_split(ds.y_train, int(size), seed)[1]
+    return _frozen(dataclasses.replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep]))
+
+
 # ------------------------------------------------------------------------------------------------
 # The entry point.
 

@@ -209,8 +209,12 @@ def _check_common(exp: Experiment) -> None:
                              f"eval_every={train.eval_every}.")
     if train.checkpoint_every < 0:
         _fail("train.checkpoint_every", f"must be >= 0; got {train.checkpoint_every}.")
-    if exp.data.batch_size < 1:
-        _fail("data.batch_size", f"must be >= 1; got {exp.data.batch_size}.")
+    if exp.data.batch_size < 0:
+        _fail("data.batch_size", f"must be >= 1 (or 0: full batch, every worker's whole shard); "
+                                 f"got {exp.data.batch_size}.")
+    if exp.data.train_size < 0:
+        _fail("data.train_size", f"must be >= 1 (or 0: the whole training set); got "
+                                 f"{exp.data.train_size}.")
     z = exp.diagnostics.z
     if exp.diagnostics.enabled and not (z and all(v > 0 for v in z)):
         _fail("diagnostics.z", f"needs one or more multiples of the standard deviation > 0, "
@@ -374,6 +378,15 @@ def task(exp: Experiment, *, model: models_lib.Model | None = None,
     if dataset is None:
         dataset = dataset_of(exp)
     units = built.units // built.group_size
+    if exp.data.train_size:
+        count = len(dataset.y_train)
+        if not units <= exp.data.train_size <= count:
+            _fail("data.train_size", f"must be between the {units} data units (workers, groups "
+                                     f"or partitions) and the {count} training examples of "
+                                     f"{dataset.name} (or 0: all of them); got "
+                                     f"{exp.data.train_size}.")
+        subset_seed = _int_seed(jax.random.fold_in(_keys(exp)["data"], 1))
+        dataset = data_lib.train_subset(dataset, exp.data.train_size, subset_seed)
     try:
         part = partition_lib.partition(
             dataset.y_train, units, exp.data.partition, seed=_int_seed(_keys(exp)["data"]),
@@ -453,12 +466,21 @@ def make_step(exp: Experiment, t: Task) -> Callable:
     apply = t.model.apply
 
     def loss_fn(params, x, y):
+        if batch == 0:  # full batch: the padding of a shorter shard has label -1, left out
+            nll = optax.softmax_cross_entropy_with_integer_labels(apply(params, x),
+                                                                  jnp.maximum(y, 0))
+            valid = (y >= 0).astype(nll.dtype)
+            return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)
         return models_lib.cross_entropy(apply(params, x), y)
 
     def step(data: Arrays, state: TrainState):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         k_batch, k_positions = jax.random.split(key)
-        if d.sampling == "grouped":
+        if batch == 0:  # every unit's whole shard, padded to max_size (a group shares its own)
+            idx = jnp.repeat(data.indices, d.group_size, axis=0)
+            sizes = jnp.repeat(data.sizes, d.group_size)
+            valid = jnp.arange(idx.shape[1])[None, :] < sizes[:, None]
+        elif d.sampling == "grouped":
             idx = partition_lib.sample_grouped(k_batch, data.indices, data.sizes, batch,
                                                d.group_size)
         else:
@@ -469,6 +491,8 @@ def make_step(exp: Experiment, t: Task) -> Callable:
             positions = attacks.byzantine_positions(n, f, exp.attack.positions, key=k_positions)
             honest = honest.at[positions].set(False)
             y = partition_lib.flip_labels(y, ~honest, num_classes)
+        if batch == 0:
+            y = jnp.where(valid, y, -1)
         losses, grads = grads_lib.per_worker_grads(loss_fn, state.params, x, y)
         metrics = {}
         if inspect and d.stages is not None:
