@@ -123,7 +123,7 @@ class DefenceConfig:
         of :data:`rbyz.sim.train.ALGORITHMS`: ``"signsgd_majority"``, ``"noisy_sign_sgd"``,
         ``"noisy_median_sgd"`` (hyperparameter ``b``), ``"detox"`` (``r``, ``stage2``, ...),
         ``"draco"`` (``r``), ``"election_coding"`` (``code = "deterministic" | "bernoulli"``,
-        ``r``, ``b``).
+        ``r``, ``b``, ``noise_std``).
       pre: pre-aggregators run before the rule, in order (e.g. ``["nnm"]``).
       pre_hparams: per pre-aggregator hyperparameters, e.g. ``{bucketing = {s = 2}}``.
       hparams: the rule's hyperparameters (e.g. ``{tau = 10.0}`` for centered clipping).
