@@ -249,3 +249,16 @@ def test_trains_on_idx_files_written_here(tmp_path, model):
     history = train.train(exp)
     assert history.rows[-1]["dataset"] == "mnist"
     assert history.rows[-1]["test_accuracy"] > 0.8
+
+
+def test_noisy_sgd_noises_the_honest_messages_and_not_the_attack():
+    """Chen et al.'s workers perturb what they send; a Byzantine worker sends the attack as is."""
+    exp = experiment(workers={"n": 3, "f": 1}, attack={"name": "constant"},
+                     defence={"rule": "noisy_median_sgd", "hparams": {"b": 1000.0}},
+                     train={"lr": 1.0})
+    tx = train.defence(exp).tx
+    params = jax.numpy.zeros(2000)
+    update, _ = tx.update(jax.numpy.zeros((3, 2000)), tx.init(params), params)
+    # The median of two noised zeros and the exact -100 is -100 where the noises straddle it.
+    exact = float(np.mean(np.asarray(update) == 100.0))
+    assert 0.3 < exact < 0.7, exact

@@ -178,13 +178,16 @@ def _algorithm_hparams(exp: Experiment) -> dict:
     return {**accepted, **given}
 
 
-def _worker_side(exp: Experiment, attack_fn, key) -> list:
-    """Worker momentum and the attack, in the order ``attack.on`` says."""
+def _worker_side(exp: Experiment, attack_fn, key, send: tuple = ()) -> list:
+    """Worker momentum, what every honest worker does to its message before sending it
+    (``send``: the per-worker noise of noisy sign / median SGD), and the attack, in the order
+    ``attack.on`` says: the attack replaces the messages (``"momentum"``, so the Byzantine rows
+    are exactly what the attack makes), or the gradients before the rest (``"gradients"``)."""
     n, f, beta = exp.workers.n, exp.workers.f, exp.workers.momentum
-    momentum = [transforms.per_worker(optax.trace(beta), n=n)] if beta > 0 else []
+    honest = ([transforms.per_worker(optax.trace(beta), n=n)] if beta > 0 else []) + list(send)
     attack = ([transforms.byzantine(attack_fn, f=f, key=key, positions=exp.attack.positions)]
               if attack_fn is not None and f > 0 else [])
-    return momentum + attack if exp.attack.on == "momentum" else attack + momentum
+    return honest + attack if exp.attack.on == "momentum" else attack + honest
 
 
 def _check_common(exp: Experiment) -> None:
@@ -272,8 +275,8 @@ def defence(exp: Experiment) -> Defence:
     if rule == "election_coding":
         return _election(exp, hp, optimizer, seed, attack_fn)
 
-    front = _worker_side(exp, attack_fn, _int_seed(attack_key))
     if rule == "signsgd_majority":
+        front = _worker_side(exp, attack_fn, _int_seed(attack_key))
         return Defence(optax.chain(*front, transforms.majority_vote(), optimizer),
                        "workers", n, 1, flip)
     if rule in ("noisy_sign_sgd", "noisy_median_sgd"):
@@ -281,8 +284,11 @@ def defence(exp: Experiment) -> Defence:
             _fail("defence.hparams.b", f"the noise scale must be >= 0; got {hp['b']}.")
         server = (transforms.majority_vote() if rule == "noisy_sign_sgd"
                   else transforms.aggregate("median"))
-        noise = [transforms.add_worker_noise(hp["b"], key=seed)] if hp["b"] > 0 else []
-        return Defence(optax.chain(*front, *noise, server, optimizer), "workers", n, 1, flip)
+        # The honest workers perturb what they send; the Byzantine ones send the attack as is.
+        noise = (transforms.add_worker_noise(hp["b"], key=seed),) if hp["b"] > 0 else ()
+        front = _worker_side(exp, attack_fn, _int_seed(attack_key), send=noise)
+        return Defence(optax.chain(*front, server, optimizer), "workers", n, 1, flip)
+    front = _worker_side(exp, attack_fn, _int_seed(attack_key))
 
     r = hp["r"] if hp["r"] is not None else 2 * f + 1
     if not (isinstance(r, int) and r >= 1 and n % r == 0):
