@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from rbyz import transforms
-from rbyz.sim import checkpoint, config, data, diagnostics, report, train
+from rbyz.sim import checkpoint, config, data, diagnostics, diagnostics_plot, report, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -140,3 +140,22 @@ def test_bad_z_is_refused_before_compute(z):
 def test_z_must_be_numbers():
     with pytest.raises(ValueError, match="diagnostics.z must be a list of numbers"):
         experiment(diagnostics={"z": ["1"]})
+
+
+def test_the_report_draws_the_diagnostics_of_the_runs_that_logged_them(tmp_path):
+    for rule in ("krum", "mean"):
+        for attack in ("none", "alie"):
+            exp = experiment(defence={"rule": rule}, attack={"name": attack},
+                             workers={"f": 2 if attack != "none" else 0})
+            train.train(exp, dataset=task_data(), run_dir=tmp_path / f"{rule}-{attack}")
+    rows = diagnostics_plot.collect(tmp_path)
+    assert len(rows) == 4 * 20
+    written = report.report(tmp_path)
+    assert written["diagnostics"].read_bytes()[:4] == b"\x89PNG"
+    assert "diagnostics.png" in written["report"].read_text()
+    plain = tmp_path / "plain"
+    train.train(experiment(diagnostics={"enabled": False}), dataset=task_data(), run_dir=plain)
+    assert "diagnostics" not in report.report(plain)
+    with pytest.raises(ValueError, match="diagnostics.enabled"):
+        diagnostics_plot.plot_diagnostics(report.read_results(plain / "results.csv"),
+                                          tmp_path / "x.png")

@@ -14,6 +14,8 @@ The pieces, each usable on its own:
 - :mod:`rbyz.sim.train`: the defence built from the declarations, the step, the run;
 - :mod:`rbyz.sim.checkpoint`, :mod:`rbyz.sim.sweep`, :mod:`rbyz.sim.report`: run directories
   that resume after a kill, grids that skip finished runs, tables and plots;
+- :mod:`rbyz.sim.diagnostics`, :mod:`rbyz.sim.diagnostics_plot`: why a defence fails, per step
+  (coordinates an attacker can flip, the Byzantine share of the aggregate), and its figure;
 - :mod:`rbyz.sim.cli`: ``rbyz run | sweep | list | report | demo | errors``.
 
 Example:

@@ -100,8 +100,9 @@ class AttackConfig:
       name: ``"none"``, an attack of :mod:`rbyz.attacks` (``rbyz list``), or ``"label_flip"``
         (a data attack: the Byzantine workers train on flipped labels and send what they get).
       on: ``"momentum"`` (default: the attack replaces what the workers send, after their
-        momentum, as in Karimireddy et al. 2021 and the epfml code) or ``"gradients"`` (it
-        replaces the gradients, before the momentum).
+        momentum and a protocol's per-worker noise, as in Karimireddy et al. 2021 and the epfml
+        code) or ``"gradients"`` (it replaces the gradients, before the momentum and the noise:
+        the attacker controls a worker's data or computation, not what it sends).
       positions: ``"last"``, ``"first"`` or ``"random"`` (redrawn every step, as DETOX does).
       hparams: the attack's hyperparameters (e.g. ``{z = 1.0}`` for ALIE).
       label: the name in the results (default ``name``).

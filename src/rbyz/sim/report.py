@@ -777,7 +777,7 @@ def _count(k: int, word: str) -> str:
     return f"{k} {word}" + ("" if k == 1 else "s")
 
 
-def _markdown(rows: list[dict], directory: Path) -> str:
+def _markdown(rows: list[dict], directory: Path, diagnostics: bool = False) -> str:
     final = final_rows(rows)
     steps = sorted({r["step"] for r in final})
     seeds = len(_first_seen(r["seed"] for r in final))
@@ -807,6 +807,10 @@ def _markdown(rows: list[dict], directory: Path) -> str:
         lines.append("")
     lines += [f"![Test accuracy during training]({ACCURACY_PNG})", "",
               f"![Final test accuracy, defences x attacks]({HEATMAP_PNG})", ""]
+    if diagnostics:
+        lines += ["Diagnostics (`diagnostics.csv` of each run; `rbyz.sim.diagnostics`): the "
+                  "coordinates an attacker can flip, and the Byzantine share of each "
+                  "defence's aggregate.", "", "![Why a defence fails](diagnostics.png)", ""]
     return "\n".join(lines)
 
 
@@ -815,14 +819,17 @@ def report(directory: str | Path) -> dict[str, Path]:
 
     ``directory`` is a run directory or a sweep directory holding run directories (at any
     depth; see :func:`collect`). Written atomically into ``directory``: ``report.md`` (a
-    summary line and :func:`accuracy_table`, runs not finished yet, and the two figures),
-    ``accuracy.png`` (:func:`plot_accuracy`) and ``heatmap.png`` (:func:`plot_heatmap`).
+    summary line and :func:`accuracy_table`, runs not finished yet, and the figures),
+    ``accuracy.png`` (:func:`plot_accuracy`), ``heatmap.png`` (:func:`plot_heatmap`) and, when
+    the runs logged diagnostics, ``diagnostics.png``
+    (:func:`rbyz.sim.diagnostics_plot.plot_diagnostics`).
 
     Args:
       directory: the run or sweep directory.
 
     Returns:
-      ``{"report": path, "accuracy": path, "heatmap": path}``.
+      ``{"report": path, "accuracy": path, "heatmap": path}``, and ``"diagnostics": path``
+      when written.
 
     Raises:
       ValueError: no directory, no ``results.csv`` under it (saying what it looked for), no
@@ -848,9 +855,16 @@ def report(directory: str | Path) -> dict[str, Path]:
                          f"a run writes one at each evaluation.")
     written = {"report": directory / REPORT, "accuracy": directory / ACCURACY_PNG,
                "heatmap": directory / HEATMAP_PNG}
-    io.atomic_write_text(written["report"], _markdown(rows, directory))
+    from rbyz.sim import diagnostics_plot  # it draws with this module's helpers
+
+    diagnostics = diagnostics_plot.collect(directory)
+    if diagnostics:
+        written["diagnostics"] = directory / diagnostics_plot.PNG
+    io.atomic_write_text(written["report"], _markdown(rows, directory, bool(diagnostics)))
     plot_accuracy(rows, written["accuracy"])
     plot_heatmap(rows, written["heatmap"])
+    if diagnostics:
+        diagnostics_plot.plot_diagnostics(diagnostics, written["diagnostics"])
     return written
 
 
