@@ -1,8 +1,8 @@
 """The diagnostics as a figure: why a defence fails, beside the accuracy curves of the report.
 
 A run with ``diagnostics.enabled = true`` writes ``diagnostics.csv`` (one row per step, see
-:mod:`rbyz.sim.diagnostics`); :func:`rbyz.sim.report.report` then adds ``diagnostics.png``,
-drawn by :func:`plot_diagnostics`:
+:mod:`rbyz.sim.diagnostics`); :func:`rbyz.sim.report.report` then adds ``diagnostics.png``
+(:data:`rbyz.sim.report.DIAGNOSTICS_PNG`), drawn by :func:`plot_diagnostics`:
 
 - the first panel is the rebuttal's figure of Baruch et al. (NeurIPS 2019): per iteration, the
   share of the coordinates with ``|mu_j| < z sigma_j`` over the workers' true gradients, for each
@@ -37,7 +37,6 @@ import numpy as np
 from rbyz.sim import report as report_lib
 from rbyz.sim.checkpoint import DIAGNOSTICS
 
-PNG = "diagnostics.png"
 _BELOW = re.compile(r"^below_z(.+)$")
 
 
@@ -138,13 +137,7 @@ def plot_diagnostics(rows: Iterable[Mapping], path: str | Path, *, first: int = 
         ax.grid(True, alpha=0.3)
     if attacked:
         axes[1].set_ylabel(f"Byzantine share of the aggregate\n({window}-step mean; dotted: f/n)")
-        handles, labels = [], []
-        for ax in axes[1:]:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
-        fig.legend(handles, labels, loc="outside right center", title="defence", frameon=False)
+        report_lib._legend(fig, axes[1:])
     common = report_lib._constants(rows)
     seeds = len(report_lib._first_seen(r["seed"] for r in rows))
     fig.suptitle("Why a defence fails" + (f": {common}" if common else "")
@@ -152,4 +145,4 @@ def plot_diagnostics(rows: Iterable[Mapping], path: str | Path, *, first: int = 
     report_lib._save(fig, path)
 
 
-__all__ = ("PNG", "collect", "plot_diagnostics")
+__all__ = ("collect", "plot_diagnostics")

@@ -66,6 +66,7 @@ RESULTS = "results.csv"
 REPORT = "report.md"
 ACCURACY_PNG = "accuracy.png"
 HEATMAP_PNG = "heatmap.png"
+DIAGNOSTICS_PNG = "diagnostics.png"
 
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)",
@@ -569,6 +570,17 @@ def _constants(rows: Sequence[Mapping]) -> str:
     return ", ".join(parts)
 
 
+def _legend(fig, axes: Iterable, title: str = "defence") -> None:
+    """One legend on the figure's right for the lines of all ``axes``, each label once."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside right center", title=title, frameon=False)
+
+
 def _label(value: str) -> str:
     text = value.replace("_", " ")
     return f"{text} (%)" if _scale(value) != 1.0 else text
@@ -645,13 +657,7 @@ def plot_accuracy(rows: Iterable[Mapping], path: str | Path, *,
                               f"{_setting_label(setting, varying)}\n{_label(value)}")
     if scale != 1.0:
         axes[0][0].set_ylim(0, 100)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="outside right center", title="defence", frameon=False)
+    _legend(fig, axes.flat)
     common = _constants(rows)
     spread = f"mean ± sd over {seeds} seeds" if seeds > 1 else "one seed"
     fig.suptitle(f"{_label(value).capitalize()} during training\n"
@@ -810,7 +816,7 @@ def _markdown(rows: list[dict], directory: Path, diagnostics: bool = False) -> s
     if diagnostics:
         lines += ["Diagnostics (`diagnostics.csv` of each run; `rbyz.sim.diagnostics`): the "
                   "coordinates an attacker can flip, and the Byzantine share of each "
-                  "defence's aggregate.", "", "![Why a defence fails](diagnostics.png)", ""]
+                  "defence's aggregate.", "", f"![Why a defence fails]({DIAGNOSTICS_PNG})", ""]
     return "\n".join(lines)
 
 
@@ -859,7 +865,7 @@ def report(directory: str | Path) -> dict[str, Path]:
 
     diagnostics = diagnostics_plot.collect(directory)
     if diagnostics:
-        written["diagnostics"] = directory / diagnostics_plot.PNG
+        written["diagnostics"] = directory / DIAGNOSTICS_PNG
     io.atomic_write_text(written["report"], _markdown(rows, directory, bool(diagnostics)))
     plot_accuracy(rows, written["accuracy"])
     plot_heatmap(rows, written["heatmap"])
@@ -886,7 +892,7 @@ def _demo_rows() -> list[dict]:
     return rows
 
 
-__all__ = ("ACCURACY_PNG", "COLUMNS", "HEATMAP_PNG", "NO_ATTACK", "REPORT", "RESULTS", "RUN_KEY",
+__all__ = ("ACCURACY_PNG", "COLUMNS", "DIAGNOSTICS_PNG", "HEATMAP_PNG", "NO_ATTACK", "REPORT", "RESULTS", "RUN_KEY",
            "SETTING", "TYPES", "accuracy_table", "collect", "final_rows", "plot_accuracy",
            "plot_heatmap", "read_results", "report", "unfinished", "worst_case",
            "write_results")
