@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 P = PartitionSpec
@@ -303,14 +304,148 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def put(tree, mesh: Mesh, specs=None):
+    """Places host values on ``mesh`` as ``specs`` says (default: replicated), in one process or
+    across processes (each process passes the same whole values and keeps its own devices'
+    parts; ``jax.make_array_from_callback``).
+
+    Args:
+      tree: a pytree of arrays, the same on every process.
+      mesh: the mesh.
+      specs: a ``PartitionSpec``, or a pytree of them matching ``tree`` (``None``: ``P()``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> put({"w": jnp.ones(8)}, worker_mesh(4), {"w": P("workers")})["w"].sharding.spec[0]
+      'workers'
+    """
+    if specs is None or isinstance(specs, PartitionSpec):
+        specs = jax.tree.map(lambda _: specs or P(), tree)
+
+    def place(x, spec):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec),
+                                            lambda index: host[index])
+
+    return jax.tree.map(place, tree, specs)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def state_specs(tx, params, mesh: Mesh, *, num_workers: int, axis_name: str = WORKERS,
+                rounds: int = 3):
+    """The ``PartitionSpec`` of every leaf of ``tx``'s state when ``tx.update`` runs in
+    collective mode under ``jax.shard_map`` over ``mesh``'s ``axis_name`` (``tiled``):
+    ``P(axis_name)`` for the leaves that hold one value per worker (worker momenta: each device
+    keeps its own workers' rows), ``P()`` for the rest (counts, keys, a rule's centre).
+
+    Found by tracing (no compute): the state that ``init`` gives, then ``update`` of
+    ``num_workers`` workers' updates shaped like ``params``, until no more leaves become
+    per-device (a leaf varies over the axis exactly when it came from the device's own rows).
+    Nobody writes ``P('workers')`` trees by hand, and a transform of one's own is handled alike.
+
+    Args:
+      tx: a transformation built in collective mode (``axis_name=...``, ``tiled=True``).
+      params: the params (arrays or ``jax.ShapeDtypeStruct``).
+      mesh: the mesh.
+      num_workers: the number of workers over the whole mesh.
+      axis_name: the mesh's worker axis.
+      rounds: how many updates to trace at most.
+
+    Returns:
+      A pytree of ``PartitionSpec`` with the structure of ``tx.init(params)``.
+
+    Raises:
+      ValueError: a scalar leaf of the state varies over the devices (it cannot be split over
+        them), or the specs do not settle within ``rounds`` updates.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from rbyz import transforms
+      >>> tx = transforms.robust("median", f=1, momentum=0.9, n=2, optimizer=optax.sgd(0.1),
+      ...                        axis_name="workers", tiled=True)
+      >>> specs = state_specs(tx, jnp.zeros(3), worker_mesh(4), num_workers=8)
+      >>> specs[0].inner.trace == P("workers"), specs[1].count == P()
+      (True, True)
+    """
+    devices = mesh.shape[axis_name]
+
+    def struct(x, spec, scale=1):
+        shape = tuple(np.shape(x))
+        if spec != P() and scale > 1:
+            shape = (shape[0] * scale, *shape[1:])
+        return jax.ShapeDtypeStruct(shape, jnp.result_type(x), sharding=NamedSharding(mesh, spec))
+
+    abstract_params = jax.tree.map(lambda x: struct(x, P()), params)
+    updates = jax.tree.map(
+        lambda x: struct(np.zeros((num_workers, *np.shape(x)), jnp.result_type(x)),
+                         P(axis_name)), params)
+    local_state = jax.eval_shape(tx.init, abstract_params)
+    varies = []
+
+    def probe(params, updates, state=None):
+        _, new = tx.update(updates, tx.init(params) if state is None else state, params)
+        varies.append(jax.tree.map(lambda leaf: axis_name in varying_axes(leaf), new))
+        return jnp.zeros(())
+
+    specs = jax.tree.map(lambda _: P(), local_state)
+    for first in [True] + [False] * (rounds - 1):
+        varies.clear()
+        if first:  # the state as init gives it, on every device
+            jax.eval_shape(jax.shard_map(probe, mesh=mesh, in_specs=(P(), P(axis_name)),
+                                         out_specs=P()), abstract_params, updates)
+        else:
+            state = jax.tree.map(lambda x, spec: struct(x, spec, devices), local_state, specs)
+            jax.eval_shape(jax.shard_map(probe, mesh=mesh, in_specs=(P(), P(axis_name), specs),
+                                         out_specs=P()), abstract_params, updates, state)
+        new_specs = jax.tree.map(lambda v, spec: P(axis_name) if v else spec, varies[0], specs,
+                                 is_leaf=_is_spec)
+        leaves = jax.tree_util.tree_leaves_with_path(local_state)
+        for spec, (path, leaf) in zip(jax.tree.leaves(new_specs, is_leaf=_is_spec), leaves):
+            if spec != P() and not np.shape(leaf):
+                raise ValueError(
+                    f"state_specs: the state leaf {jax.tree_util.keystr(path)} is a scalar "
+                    f"that differs between devices; keep one value per worker ([m] per device) "
+                    f"or reduce it over {axis_name!r} (jax.lax.psum / pmax) in the transform.")
+        if new_specs == specs:
+            return specs
+        specs = new_specs
+    raise ValueError(f"state_specs: the state's per-device leaves did not settle within {rounds} "
+                     "traced updates; pass a larger rounds=.")
+
+
+def init_sharded(tx, params, mesh: Mesh, specs, *, axis_name: str = WORKERS):
+    """``tx.init(params)`` on every device of ``mesh``, placed as ``specs`` says
+    (:func:`state_specs`): per-worker leaves ``[n, ...]`` split over ``axis_name``, each device
+    initialising its own workers' rows, the rest replicated.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from rbyz import transforms
+      >>> tx = transforms.per_worker(optax.trace(0.9), n=2, axis_name="workers", tiled=True)
+      >>> mesh = worker_mesh(4)
+      >>> specs = state_specs(tx, jnp.zeros(3), mesh, num_workers=8)
+      >>> init_sharded(tx, jnp.zeros(3), mesh, specs).inner.trace.shape  # 8 workers' momenta
+      (8, 3)
+    """
+    del axis_name  # the specs name it
+    params = put(params, mesh)
+    return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
+
+
 __all__ = (
     "gather_coordinates",
     "gather_workers",
+    "init_sharded",
     "local_grad",
+    "put",
     "replicate",
     "scatter_coordinates",
     "shard_workers",
     "slice_coordinates",
+    "state_specs",
     "varying_axes",
     "worker_index",
     "worker_mesh",

@@ -1,11 +1,12 @@
 """Experiments as data: dataclasses read from TOML, checked field by field, overridable.
 
 An experiment is an :class:`Experiment` (sections ``data``, ``model``, ``workers``, ``attack``,
-``defence``, ``train``, ``diagnostics``). It is read from a TOML file with :func:`load` (parsed with ``tomllib``:
-data only, nothing evaluated), every key checked against the dataclass fields (an unknown key or
-a wrong type is a ``ValueError`` naming the field), and overridden from the command line with
-``section.field=value`` strings (:func:`override`; the value is read as a TOML value, so
-``train.steps=200``, ``defence.pre=["nnm"]`` and ``defence.rule=krum`` all work).
+``defence``, ``train``, ``diagnostics``, ``parallel``). It is read from a TOML file with
+:func:`load` (parsed with ``tomllib``: data only, nothing evaluated), every key checked against
+the dataclass fields (an unknown key or a wrong type is a ``ValueError`` naming the field), and
+overridden from the command line with ``section.field=value`` strings (:func:`override`; the
+value is read as a TOML value, so ``train.steps=200``, ``defence.pre=["nnm"]`` and
+``defence.rule=krum`` all work).
 
 A sweep (``rbyz sweep``) is the same file with a ``[sweep]`` table whose entries are grid axes:
 a dotted field with a list of values (``seed = [0, 1, 2]``, ``"workers.f" = [3, 5]``), or a
@@ -176,6 +177,23 @@ class DiagnosticsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Where the workers run (:mod:`rbyz.sim.parallel`).
+
+    Attributes:
+      devices: the devices the ``n`` workers are spread over, ``n / devices`` per device, the
+        step under ``jax.shard_map`` (``1``: one device simulates every worker; ``0``: every
+        device of every process, e.g. after ``rbyz run --processes 2``).
+      layout: how the workers' updates meet for the aggregation: ``"gather"`` (every device
+        gathers all of them and aggregates) or ``"coordinates"`` (each device aggregates its
+        ``1/devices`` of the coordinates), as in :func:`rbyz.transforms.aggregate`.
+    """
+
+    devices: int = 1
+    layout: str = "gather"
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """One training run: every setting, with the paper defaults where there is one."""
 
@@ -188,6 +206,7 @@ class Experiment:
     defence: DefenceConfig = dataclasses.field(default_factory=DefenceConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     @property
     def rule_label(self) -> str:

@@ -6,14 +6,14 @@ One step, as data flows (``DESIGN.md`` §1)::
            -> vmap(grad) -> worker momentum -> attack (on the momenta, or on the gradients)
            -> pre-aggregators -> aggregator -> server optimizer -> new params
 
-The defence is an optax chain built from the declarations (:func:`defence`):
-:func:`rbyz.transforms.robust` for every aggregator of the registry (with pre-aggregators, worker
-momentum and the attack in the only right order), and, for the algorithms that change what the
-workers compute or send (:data:`ALGORITHMS`), the same worker side followed by their own server
-rule: signSGD with majority vote, noisy sign / median SGD (Chen et al. 2020), DETOX and DRACO
-(grouped sampling: the ``r`` members of a group draw the same batch) and Election Coding (one
-gradient per data partition; a worker's message is the majority of the signs of the partitions
-its row of ``G`` names).
+The defence is an optax chain built from the declarations (:mod:`rbyz.sim.defences`). With
+``parallel.devices > 1`` the same step runs under ``jax.shard_map`` over a ``workers`` mesh
+(:mod:`rbyz.sim.parallel`): each device draws the batches of its own ``n / D`` workers,
+computes their gradients, keeps their momenta, and the defence's transforms, in collective
+mode, gather (``layout = "gather"``) or scatter by coordinates (``"coordinates"``) what the rule
+needs; the state's per-worker leaves are split over the devices
+(:func:`rbyz.distributed.state_specs`), the rest replicated. The numbers are those of the
+single-device step, and the state has the same shapes, so a checkpoint is one pytree either way.
 
 :func:`train` runs ``steps`` steps in chunks of ``eval_every`` (one compiled ``lax.scan`` per
 chunk), evaluates the test accuracy after each chunk, and, given a run directory, checkpoints and
@@ -34,323 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
-from rbyz import aggregators, attacks, coding, preaggregators, transforms
-from rbyz._src.spec import REQUIRED
+from rbyz import attacks, distributed
 from rbyz.sim import data as data_lib
+from rbyz.sim import defences as defences_lib
 from rbyz.sim import diagnostics as diagnostics_lib
 from rbyz.sim import grads as grads_lib
 from rbyz.sim import models as models_lib
+from rbyz.sim import parallel
 from rbyz.sim import partition as partition_lib
 from rbyz.sim.config import Experiment
+from rbyz.sim.defences import ALGORITHMS, DATA_ATTACKS, Defence, defence, server_optimizer
 
-# Server rules that are whole algorithms rather than aggregators, with their hyperparameters.
-ALGORITHMS = {
-    "signsgd_majority": {},
-    "noisy_sign_sgd": {"b": 1e-3},
-    "noisy_median_sgd": {"b": 1e-3},
-    "detox": {"r": 3, "stage2": "median_of_means", "buckets": None, "fallback": "median"},
-    "draco": {"r": None, "fallback": "median"},
-    "election_coding": {"code": "bernoulli", "r": 3.0, "b": None, "noise_std": 0.0},
-}
-DATA_ATTACKS = ("label_flip",)
-ATTACK_TARGETS = ("momentum", "gradients")
-POSITIONS = ("last", "first", "random")
-OPTIMIZERS = ("sgd", "adam")
-
-
-def _fail(field: str, message: str):
-    raise ValueError(f"config: {field}: {message}")
-
-
-class Defence(NamedTuple):
-    """What the server runs and what it needs from the workers' side.
-
-    Attributes:
-      tx: the optax chain (stacked gradients in, the params' update out).
-      sampling: ``"workers"`` (each worker its own batch), ``"grouped"`` (the ``r`` members of
-        a group draw the same batch) or ``"partitions"`` (one batch per data partition).
-      units: rows of gradients computed per step (``n``, or the number of partitions).
-      group_size: ``r`` for grouped sampling, else 1.
-      flip_labels: the Byzantine workers train on flipped labels (the data attack).
-      stages: the parts of ``tx`` when it is a :func:`rbyz.transforms.robust` chain (an
-        aggregator), for the diagnostics to look inside a step; else ``None``.
-    """
-
-    tx: optax.GradientTransformation
-    sampling: str
-    units: int
-    group_size: int
-    flip_labels: bool
-    stages: transforms.Stages | None = None
-
-
-def server_optimizer(exp: Experiment) -> optax.GradientTransformation:
-    """The server's optimizer: SGD (heavy ball with ``server_momentum``) or Adam at ``lr``."""
-    train = exp.train
-    if train.optimizer not in OPTIMIZERS:
-        _fail("train.optimizer", f"unknown optimizer {train.optimizer!r}; use one of "
-                                 f"{', '.join(OPTIMIZERS)}.")
-    if not train.lr > 0:
-        _fail("train.lr", f"the learning rate must be > 0; got {train.lr}.")
-    if train.optimizer == "adam":
-        return optax.adam(train.lr)
-    if not 0.0 <= train.server_momentum < 1.0:
-        _fail("train.server_momentum", f"must be in [0, 1); got {train.server_momentum}.")
-    return optax.sgd(train.lr, momentum=train.server_momentum or None)
-
-
-def _keys(exp: Experiment):
-    """Independent streams from the one seed: model init, data split, defence, sampling."""
-    base = jax.random.key(exp.seed)
-    return dict(zip(("model", "data", "defence", "sample"), jax.random.split(base, 4)))
-
-
-def _int_seed(key) -> int:
-    return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
-
-
-def _check_hparams(spec, hparams: dict, field: str) -> None:
-    """Unknown hyperparameters, and required ones missing (``f`` and ``n`` come from the
-    ``workers`` section), against the rule's declaration."""
-    spec.check_hparams(hparams, f"config: {field}", complete=False)
-    missing = [k for k, v in (spec.hparams or {}).items()
-               if v is REQUIRED and k not in hparams and k not in ("f", "n")]
-    if missing:
-        _fail(field, f"{spec.name} needs {', '.join(f'{m}=...' for m in missing)}; e.g. "
-                     f"{field} = {{{missing[0]} = ...}}.")
-
-
-def _attack_fn(exp: Experiment):
-    """The model attack as a partial of the registry's function (``None`` for none or a data
-    attack), its hyperparameters checked against the declaration."""
-    name = exp.attack.name
-    if name == "none" or name in DATA_ATTACKS:
-        if exp.attack.hparams:
-            _fail("attack.hparams", f"{name!r} takes no hyperparameters; got "
-                                    f"{exp.attack.hparams}.")
-        return None
-    if name not in attacks.names():
-        _fail("attack.name", f"unknown attack {name!r}; use 'none', "
-                             f"{', '.join(DATA_ATTACKS)} or one of {', '.join(attacks.names())}.")
-    hparams = dict(exp.attack.hparams)
-    spec = attacks.spec(name)
-    if "aggregator" in (spec.hparams or {}):
-        hparams["aggregator"] = _target(exp, hparams.get("aggregator"))
-    _check_hparams(spec, hparams, "attack.hparams")
-    return functools.partial(attacks.get(name), **hparams)
-
-
-def _with_f(rule, f: int, hparams: dict):
-    """A registry rule with ``f`` (when it declares one) and ``hparams`` bound."""
-    declared = rule.spec
-    bound = {"f": f} if "f" in (declared.hparams or {}) else {}
-    return functools.partial(rule, **bound, **hparams)
-
-
-def _target(exp: Experiment, name):
-    """The aggregation an adaptive attack searches against: the one named in
-    ``attack.hparams.aggregator``, else the defence's own (pre-aggregators included), as an
-    omniscient attacker would."""
-    f, rule = exp.workers.f, exp.defence.rule
-    if name is None:
-        if rule not in aggregators.names():
-            _fail("attack.hparams.aggregator", f"{exp.attack.name} searches against an "
-                                               f"aggregator; {rule} is not one, so name it, "
-                                               f"e.g. aggregator = \"median\".")
-        stages = [_with_f(preaggregators.get(p), f, exp.defence.pre_hparams.get(p, {}))
-                  for p in exp.defence.pre]
-        final = _with_f(aggregators.get(rule), f, exp.defence.hparams)
-        return preaggregators.compose(*stages, final) if stages else final
-    if not isinstance(name, str) or name not in aggregators.names():
-        _fail("attack.hparams.aggregator", f"must name an aggregator "
-                                           f"({', '.join(aggregators.names())}); got {name!r}.")
-    return _with_f(aggregators.get(name), f, {})
-
-
-def _algorithm_hparams(exp: Experiment) -> dict:
-    rule, given = exp.defence.rule, exp.defence.hparams
-    accepted = ALGORITHMS[rule]
-    for key in given:
-        if key not in accepted:
-            _fail("defence.hparams", f"{rule} has no hyperparameter {key!r}; it accepts "
-                                     f"{', '.join(accepted) or 'none'}.")
-    return {**accepted, **given}
-
-
-def _worker_side(exp: Experiment, attack_fn, key, send: tuple = ()) -> list:
-    """Worker momentum, what every honest worker does to its message before sending it
-    (``send``: the per-worker noise of noisy sign / median SGD), and the attack, in the order
-    ``attack.on`` says: the attack replaces the messages (``"momentum"``, so the Byzantine rows
-    are exactly what the attack makes), or the gradients before the rest (``"gradients"``)."""
-    n, f, beta = exp.workers.n, exp.workers.f, exp.workers.momentum
-    honest = ([transforms.per_worker(optax.trace(beta), n=n)] if beta > 0 else []) + list(send)
-    attack = ([transforms.byzantine(attack_fn, f=f, key=key, positions=exp.attack.positions)]
-              if attack_fn is not None and f > 0 else [])
-    return honest + attack if exp.attack.on == "momentum" else attack + honest
-
-
-def _check_common(exp: Experiment) -> None:
-    n, f = exp.workers.n, exp.workers.f
-    if not (isinstance(n, int) and n >= 1):
-        _fail("workers.n", f"needs at least one worker; got {n}.")
-    if not 0 <= f < n:
-        _fail("workers.f", f"needs 0 <= f < n; got f={f}, n={n}.")
-    if not 0.0 <= exp.workers.momentum < 1.0:
-        _fail("workers.momentum", f"must be in [0, 1); got {exp.workers.momentum}.")
-    if exp.attack.on not in ATTACK_TARGETS:
-        _fail("attack.on", f"must be 'momentum' or 'gradients'; got {exp.attack.on!r}.")
-    if exp.attack.positions not in POSITIONS:
-        _fail("attack.positions", f"must be one of {', '.join(POSITIONS)}; got "
-                                  f"{exp.attack.positions!r}.")
-    if exp.attack.name != "none" and f == 0:
-        _fail("attack.name", f"attack {exp.attack.name!r} needs Byzantine workers; got "
-                             f"workers.f=0 (use attack.name='none').")
-    train = exp.train
-    if train.steps < 1 or train.eval_every < 1:
-        _fail("train.steps", f"steps and eval_every must be >= 1; got steps={train.steps}, "
-                             f"eval_every={train.eval_every}.")
-    if train.checkpoint_every < 0:
-        _fail("train.checkpoint_every", f"must be >= 0; got {train.checkpoint_every}.")
-    if exp.data.batch_size < 0:
-        _fail("data.batch_size", f"must be >= 1 (or 0: full batch, every worker's whole shard); "
-                                 f"got {exp.data.batch_size}.")
-    if exp.data.train_size < 0:
-        _fail("data.train_size", f"must be >= 1 (or 0: the whole training set); got "
-                                 f"{exp.data.train_size}.")
-    z = exp.diagnostics.z
-    if exp.diagnostics.enabled and not (z and all(v > 0 for v in z)):
-        _fail("diagnostics.z", f"needs one or more multiples of the standard deviation > 0, "
-                               f"e.g. z = [0.5, 1, 2]; got {list(z)}.")
-
-
-def defence(exp: Experiment) -> Defence:
-    """The server side of ``exp`` as an optax chain, every setting checked before any compute.
-
-    Raises:
-      ValueError: an unknown rule, pre-aggregator or attack, a hyperparameter the rule does not
-        declare, ``f`` too large for the rule, or a combination that cannot run (naming the
-        field and how to fix it).
-    """
-    _check_common(exp)
-    n, f = exp.workers.n, exp.workers.f
-    rule = exp.defence.rule
-    attack_fn = _attack_fn(exp)
-    flip = exp.attack.name in DATA_ATTACKS
-    keys = jax.random.split(_keys(exp)["defence"], 2)
-    attack_key, rule_key = keys[0], keys[1]
-    optimizer = server_optimizer(exp)
-
-    if rule in aggregators.names():
-        unknown = [p for p in exp.defence.pre if p not in preaggregators.names()]
-        if unknown:
-            _fail("defence.pre", f"unknown pre-aggregator {unknown[0]!r}; use any of "
-                                 f"{', '.join(preaggregators.names())}.")
-        stray = sorted(set(exp.defence.pre_hparams) - set(exp.defence.pre))
-        if stray:
-            _fail("defence.pre_hparams", f"{stray[0]!r} is not in defence.pre "
-                                         f"{list(exp.defence.pre)}.")
-        pre = []
-        for name in exp.defence.pre:
-            hparams = exp.defence.pre_hparams.get(name, {})
-            _check_hparams(preaggregators.spec(name), hparams, f"defence.pre_hparams.{name}")
-            pre.append(functools.partial(preaggregators.get(name), **hparams))
-        _check_hparams(aggregators.spec(rule), exp.defence.hparams, "defence.hparams")
-        stages = transforms.robust_stages(
-            rule, optimizer=optimizer, f=f, pre=pre, attack=attack_fn, attack_on=exp.attack.on,
-            momentum=exp.workers.momentum, n=n, key=_int_seed(attack_key),
-            positions=exp.attack.positions, **exp.defence.hparams)
-        return Defence(optax.chain(*stages.transforms), "workers", n, 1, flip, stages)
-
-    if rule not in ALGORITHMS:
-        _fail("defence.rule", f"unknown rule {rule!r}; use an aggregator "
-                              f"({', '.join(aggregators.names())}) or an algorithm "
-                              f"({', '.join(ALGORITHMS)}).")
-    if exp.defence.pre:
-        _fail("defence.pre", f"{rule} is a whole algorithm and takes no pre-aggregators; got "
-                             f"{list(exp.defence.pre)}.")
-    hp = _algorithm_hparams(exp)
-    seed = _int_seed(rule_key)
-
-    if rule == "election_coding":
-        return _election(exp, hp, optimizer, seed, attack_fn)
-
-    if rule == "signsgd_majority":
-        front = _worker_side(exp, attack_fn, _int_seed(attack_key))
-        return Defence(optax.chain(*front, transforms.majority_vote(), optimizer),
-                       "workers", n, 1, flip)
-    if rule in ("noisy_sign_sgd", "noisy_median_sgd"):
-        if not hp["b"] >= 0:
-            _fail("defence.hparams.b", f"the noise scale must be >= 0; got {hp['b']}.")
-        server = (transforms.majority_vote() if rule == "noisy_sign_sgd"
-                  else transforms.aggregate("median"))
-        # The honest workers perturb what they send; the Byzantine ones send the attack as is.
-        noise = (transforms.add_worker_noise(hp["b"], key=seed),) if hp["b"] > 0 else ()
-        front = _worker_side(exp, attack_fn, _int_seed(attack_key), send=noise)
-        return Defence(optax.chain(*front, server, optimizer), "workers", n, 1, flip)
-    front = _worker_side(exp, attack_fn, _int_seed(attack_key))
-
-    r = hp["r"] if hp["r"] is not None else 2 * f + 1
-    if not (isinstance(r, int) and r >= 1 and n % r == 0):
-        _fail("defence.hparams.r", f"{rule} groups the workers by r; n={n} must be a multiple "
-                                   f"of r={r} (choose r dividing n, or n a multiple of r).")
-    if rule == "detox":
-        needs_key = coding.detox_needs_key(hp["stage2"])
-        server = transforms.detox_aggregate(f=f, r=r, stage2=hp["stage2"], buckets=hp["buckets"],
-                                            fallback=hp["fallback"],
-                                            key=seed if needs_key else None)
-    else:
-        server = transforms.repetition_aggregate(f=f, r=r, fallback=hp["fallback"])
-    tx = optax.chain(*front, server, optimizer)
-    _probe(tx, n)
-    return Defence(tx, "grouped", n, r, flip)
-
-
-def _probe(tx, n: int) -> None:
-    """Traces the chain on a one-coordinate stack, so that trace-time checks fail here."""
-    params = jnp.zeros((1,), jnp.float32)
-    jax.eval_shape(lambda g: tx.update(g, tx.init(params), params)[0],
-                   jax.ShapeDtypeStruct((n, 1), jnp.float32))
-
-
-def _election(exp: Experiment, hp: dict, optimizer, seed: int, attack_fn) -> Defence:
-    """Election Coding: the code ``G`` (``b`` Byzantine workers tolerated, default ``f``), one
-    gradient per partition, the Byzantine workers' sign attack inside the vote; ``noise_std``:
-    the Gaussian noise each worker adds to its partition gradients before the signs (the
-    rebuttal's noisy-gradient runs; key-derived from the seed)."""
-    n, f = exp.workers.n, exp.workers.f
-    noise_std = hp["noise_std"]
-    if (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float))
-            or not np.isfinite(noise_std) or noise_std < 0):
-        _fail("defence.hparams.noise_std", f"the std of the noise before the signs must be a "
-                                           f"finite number >= 0 (e.g. 1e-4); got {noise_std!r}.")
-    if exp.workers.momentum > 0:
-        _fail("workers.momentum", "election_coding votes on signs of partition gradients; "
-                                  "use the server's momentum (train.server_momentum) instead.")
-    if exp.attack.name in DATA_ATTACKS:
-        _fail("attack.name", "election_coding's workers share partitions; a data attack does "
-                             "not apply. Use a sign attack (sign_reverse, sign_random, ...).")
-    if hp["code"] == "deterministic":
-        G = coding.deterministic_code(n, f if hp["b"] is None else hp["b"])
-    elif hp["code"] == "bernoulli":
-        G = coding.bernoulli_code(n, hp["r"], key=seed)
-    else:
-        _fail("defence.hparams.code", f"must be 'deterministic' or 'bernoulli'; got "
-                                      f"{hp['code']!r}.")
-    byzantine = ()
-    if f > 0 and exp.attack.name != "none":
-        if exp.attack.positions == "random":
-            _fail("attack.positions", "election_coding fixes its Byzantine workers; use "
-                                      "'last' or 'first'.")
-        byzantine = tuple(int(i) for i in attacks.byzantine_positions(n, f,
-                                                                      exp.attack.positions))
-    attack = attack_fn if byzantine else None
-    keyed = (attack is not None and attacks.spec(exp.attack.name).key) or noise_std > 0
-    tx = optax.chain(transforms.election_vote_aggregate(G, byzantine=byzantine, attack=attack,
-                                                        key=seed if keyed else None,
-                                                        noise_std=float(noise_std)), optimizer)
-    return Defence(tx, "partitions", int(G.shape[1]), 1, False)
-
+P = PartitionSpec
+_fail = defences_lib._fail
+_streams, _int_seed = defences_lib.streams, defences_lib.int_seed
 
 # ------------------------------------------------------------------------------------------------
 # The task: data, partitions and model, built once per run on the host.
@@ -363,6 +62,7 @@ class Task(NamedTuple):
     indices: jax.Array       # [units, max_size] example indices per worker / group / partition
     sizes: jax.Array         # [units]
     defence: Defence
+    where: parallel.Placement = parallel.STACKED
 
 
 @functools.lru_cache(maxsize=4)
@@ -379,8 +79,12 @@ def dataset_of(exp: Experiment) -> data_lib.Dataset:
 
 def task(exp: Experiment, *, model: models_lib.Model | None = None,
          dataset: data_lib.Dataset | None = None) -> Task:
-    """Builds the defence (checking every setting first), then the data split and the model."""
+    """Builds the defence (checking every setting first) where the workers run, then the data
+    split and the model."""
     built = defence(exp)
+    where = parallel.placement(exp, built.units)
+    if where.sharded:
+        built = defence(exp, where)
     if dataset is None:
         dataset = dataset_of(exp)
     units = built.units // built.group_size
@@ -391,11 +95,11 @@ def task(exp: Experiment, *, model: models_lib.Model | None = None,
                                      f"or partitions) and the {count} training examples of "
                                      f"{dataset.name} (or 0: all of them); got "
                                      f"{exp.data.train_size}.")
-        subset_seed = _int_seed(jax.random.fold_in(_keys(exp)["data"], 1))
+        subset_seed = _int_seed(jax.random.fold_in(_streams(exp)["data"], 1))
         dataset = data_lib.train_subset(dataset, exp.data.train_size, subset_seed)
     try:
         part = partition_lib.partition(
-            dataset.y_train, units, exp.data.partition, seed=_int_seed(_keys(exp)["data"]),
+            dataset.y_train, units, exp.data.partition, seed=_int_seed(_streams(exp)["data"]),
             alpha=exp.data.alpha, classes_per_worker=exp.data.classes_per_worker,
             gamma=exp.data.gamma)
     except ValueError as err:
@@ -408,7 +112,7 @@ def task(exp: Experiment, *, model: models_lib.Model | None = None,
         extra = {"hidden": exp.model.hidden} if exp.model.name == "mlp" else {}
         model = models_lib.build(exp.model.name, dataset.x_train.shape[1:], dataset.num_classes,
                                  **extra)
-    return Task(dataset, model, jnp.asarray(part.indices), jnp.asarray(part.sizes), built)
+    return Task(dataset, model, jnp.asarray(part.indices), jnp.asarray(part.sizes), built, where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,10 +137,25 @@ class TrainState(NamedTuple):
 
 
 def init_state(exp: Experiment, t: Task) -> TrainState:
-    """The state before the first step: the model initialised from the seed."""
-    params = t.model.init(_int_seed(_keys(exp)["model"]))
-    return TrainState(jnp.zeros((), jnp.int32), jax.random.key_data(_keys(exp)["sample"]),
-                      params, t.defence.tx.init(params))
+    """The state before the first step: the model initialised from the seed (on more than one
+    device: placed as :func:`state_specs` says, each device initialising its workers' rows)."""
+    params = t.model.init(_int_seed(_streams(exp)["model"]))
+    step, key = jnp.zeros((), jnp.int32), jax.random.key_data(_streams(exp)["sample"])
+    if not t.where.sharded:
+        return TrainState(step, key, params, t.defence.tx.init(params))
+    mesh = t.where.mesh()
+    opt_state = distributed.init_sharded(t.defence.tx, params, mesh, state_specs(t).opt_state)
+    return TrainState(*distributed.put((step, key, params), mesh), opt_state)
+
+
+def state_specs(t: Task) -> TrainState:
+    """How a sharded run's :class:`TrainState` lies on the mesh: the workers' own leaves of the
+    defence's state (momenta) split over ``workers``, everything else replicated
+    (:func:`rbyz.distributed.state_specs`)."""
+    params = jax.eval_shape(t.model.init, 0)
+    opt_state = distributed.state_specs(t.defence.tx, params, t.where.mesh(),
+                                        num_workers=t.defence.units)
+    return TrainState(P(), P(), jax.tree.map(lambda _: P(), params), opt_state)
 
 
 class Arrays(NamedTuple):
@@ -450,10 +169,14 @@ class Arrays(NamedTuple):
 
 
 def arrays(t: Task) -> tuple[Arrays, Arrays]:
-    """The training arrays and the test arrays of a task, on the device."""
+    """The training arrays and the test arrays of a task, on the device (replicated on every
+    device of a sharded run: each device reads its own workers' batches from them)."""
     ds = t.dataset
     train = Arrays(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), t.indices, t.sizes)
     test = Arrays(jnp.asarray(ds.x_test), jnp.asarray(ds.y_test), t.indices, t.sizes)
+    if t.where.sharded:
+        mesh = t.where.mesh()
+        return distributed.put(train, mesh), distributed.put(test, mesh)
     return train, test
 
 
@@ -463,8 +186,11 @@ def make_step(exp: Experiment, t: Task) -> Callable:
     ``metrics["train_loss"]`` is the mean loss of the workers that train on true labels; with
     ``diagnostics.enabled`` the metrics also hold ``below_z`` (``[len(z)]`` counts) and
     ``byzantine_share`` (:mod:`rbyz.sim.diagnostics`). ``data`` is
-    the :class:`Arrays` of the training set.
+    the :class:`Arrays` of the training set. On more than one device (``t.where``) it is the
+    per-device step of :func:`make_chunk`'s ``shard_map``: the batches of every worker are drawn
+    from the step's key (so they are the single-device ones), each device keeps its own rows.
     """
+    where = t.where
     inspect = exp.diagnostics.enabled
     num_classes = t.dataset.num_classes
     d, batch = t.defence, exp.data.batch_size
@@ -491,15 +217,18 @@ def make_step(exp: Experiment, t: Task) -> Callable:
                                                d.group_size)
         else:
             idx = partition_lib.sample(k_batch, data.indices, data.sizes, batch)
+        idx = where.own(idx)
         x, y = data.x[idx], data.y[idx]
         honest = jnp.ones((d.units,), jnp.bool_)
         if d.flip_labels:
             positions = attacks.byzantine_positions(n, f, exp.attack.positions, key=k_positions)
-            honest = honest.at[positions].set(False)
+            honest = where.own(honest.at[positions].set(False))
             y = partition_lib.flip_labels(y, ~honest, num_classes)
+        else:
+            honest = where.own(honest)
         if batch == 0:
-            y = jnp.where(valid, y, -1)
-        losses, grads = grads_lib.per_worker_grads(loss_fn, state.params, x, y)
+            y = jnp.where(where.own(valid), y, -1)
+        losses, grads = grads_lib.per_worker_grads(loss_fn, where.local(state.params), x, y)
         metrics = {}
         if inspect and d.stages is not None:
             updates, opt_state, metrics["byzantine_share"] = diagnostics_lib.inspected_update(
@@ -512,18 +241,27 @@ def make_step(exp: Experiment, t: Task) -> Callable:
             metrics["below_z"] = diagnostics_lib.coordinates_below(grads, exp.diagnostics.z)
         params = optax.apply_updates(state.params, updates)
         weights = honest.astype(losses.dtype)
-        metrics["train_loss"] = jnp.sum(losses * weights) / jnp.sum(weights)
+        metrics["train_loss"] = (where.total(jnp.sum(losses * weights))
+                                 / where.total(jnp.sum(weights)))
         return TrainState(state.step + 1, state.key, params, opt_state), metrics
 
     return step
 
 
-def make_chunk(step: Callable, length: int) -> Callable:
+def make_chunk(step: Callable, length: int, t: Task | None = None) -> Callable:
     """``chunk(state, data) -> (state, metrics)``: ``length`` steps in one compiled
-    ``lax.scan``; every metric of :func:`make_step` stacked over the steps (``[length, ...]``)."""
+    ``lax.scan``; every metric of :func:`make_step` stacked over the steps (``[length, ...]``).
+
+    With a task ``t`` spread over devices, the scan runs inside ``jax.shard_map`` over its mesh,
+    the state in and out placed as :func:`state_specs` says, the data and metrics replicated.
+    """
     def chunk(state, data):
         return jax.lax.scan(lambda s, _: step(data, s), state, length=length)
-    return jax.jit(chunk)
+    if t is None or not t.where.sharded:
+        return jax.jit(chunk)
+    specs = state_specs(t)
+    return jax.jit(jax.shard_map(chunk, mesh=t.where.mesh(), in_specs=(specs, P()),
+                                 out_specs=(specs, P())))
 
 
 def make_evaluate(t: Task, *, batch: int = 1000) -> Callable:
@@ -638,7 +376,7 @@ def train(exp: Experiment, *, model: models_lib.Model | None = None,
             continue
         length = point - previous
         if length not in chunks:
-            chunks[length] = make_chunk(step, length)
+            chunks[length] = make_chunk(step, length, t)
         state, metrics = chunks[length](state, train_data)
         accuracy, test_loss = evaluate(state.params, test_data)
         rows.append(row(exp, point, float(accuracy), float(test_loss),

@@ -42,8 +42,8 @@ def _check_key(where: str, keyed: bool, key, subject: str, fix: str) -> None:
 
 def detox_aggregate(*, f: int, r: int, stage2: str | groups.Stage2 = "median_of_means",
                     buckets: int | None = None, fallback: str = "median",
-                    shuffle: bool | None = None, key=None,
-                    axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+                    shuffle: bool | None = None, key=None, axis_name: str | None = None,
+                    tiled: bool = False) -> optax.GradientTransformationExtraArgs:
     """:func:`rbyz.coding.detox` as an optax transform over stacked worker updates.
 
     It consumes updates with the worker axis first (``[n, ...]``, grouped as
@@ -63,6 +63,7 @@ def detox_aggregate(*, f: int, r: int, stage2: str | groups.Stage2 = "median_of_
       key: PRNG key or int seed, required exactly when stage 2 shuffles.
       axis_name: ``None`` for stacked updates, or the worker axis to gather over (collective
         mode, see ``rbyz.transforms.aggregate``).
+      tiled: collective mode only: each shard holds a stack of its own workers.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (state
@@ -101,11 +102,12 @@ def detox_aggregate(*, f: int, r: int, stage2: str | groups.Stage2 = "median_of_
 
     rule.__name__ = "detox"
     rule = _declare(key=keyed, reference=groups.DETOX, cost="O(r n d) + stage 2 on n/r rows")(rule)
-    return aggregate(rule, axis_name=axis_name, key=key, f=f)
+    return aggregate(rule, axis_name=axis_name, tiled=tiled, key=key, f=f)
 
 
 def repetition_aggregate(*, f: int, r: int | None = None, fallback: str = "median",
-                         axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+                         axis_name: str | None = None,
+                         tiled: bool = False) -> optax.GradientTransformationExtraArgs:
     """:func:`rbyz.coding.repetition_code` (DRACO) as an optax transform; first in a chain.
 
     Args:
@@ -113,6 +115,7 @@ def repetition_aggregate(*, f: int, r: int | None = None, fallback: str = "media
       r: group size (default ``2f + 1``).
       fallback: see :func:`rbyz.coding.group_vote`.
       axis_name: ``None`` for stacked updates, or the worker axis to gather over.
+      tiled: collective mode only: each shard holds a stack of its own workers.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -132,7 +135,8 @@ def repetition_aggregate(*, f: int, r: int | None = None, fallback: str = "media
         r = checks.static_int(r, "repetition_aggregate", "r", minimum=2 * f + 1)
     checks.require(fallback in groups.FALLBACKS, "repetition_aggregate",
                    f"unknown fallback {fallback!r}; use one of {groups.FALLBACKS}.")
-    return aggregate(groups.repetition_code, axis_name=axis_name, f=f, r=r, fallback=fallback)
+    return aggregate(groups.repetition_code, axis_name=axis_name, tiled=tiled, f=f, r=r,
+                     fallback=fallback)
 
 
 def _attack_needs_key(attack: Callable, key) -> bool:
@@ -145,7 +149,7 @@ def _attack_needs_key(attack: Callable, key) -> bool:
 def election_vote_aggregate(G, *, byzantine: Sequence[int] = (),
                             attack: str | Callable | None = "sign_reverse", key=None,
                             noise_std: float = 0.0, axis_name: str | None = None,
-                            ) -> optax.GradientTransformationExtraArgs:
+                            tiled: bool = False) -> optax.GradientTransformationExtraArgs:
     """:func:`rbyz.coding.election_vote` as an optax transform, in place of a plain majority vote.
 
     It consumes per-partition gradients (``[k, ...]``, partition axis first) and returns the
@@ -163,6 +167,7 @@ def election_vote_aggregate(G, *, byzantine: Sequence[int] = (),
       noise_std: std of the Gaussian noise every worker adds to each partition gradient before
         its sign (see :func:`rbyz.coding.local_majorities`); ``0``: none.
       axis_name: ``None`` for stacked partition gradients, or the axis to gather them over.
+      tiled: collective mode only: each shard holds a stack of its own partitions' gradients.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -202,7 +207,7 @@ def election_vote_aggregate(G, *, byzantine: Sequence[int] = (),
 
     rule.__name__ = "election_vote"
     rule = _declare(key=keyed, reference=election.ELECTION_CODING, cost="O(n k d)")(rule)
-    return aggregate(rule, axis_name=axis_name, key=key)
+    return aggregate(rule, axis_name=axis_name, tiled=tiled, key=key)
 
 
 __all__ = ("detox_aggregate", "election_vote_aggregate", "repetition_aggregate")
