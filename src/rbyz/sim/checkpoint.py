@@ -14,6 +14,10 @@ moment leaves either the previous checkpoint or the new one. Nothing read back i
 evaluated: the state is restored into the structure of a freshly initialised one, the rows are
 JSON, the config TOML.
 
+In a run across processes (``jax.distributed``) every process opens the same directory (a
+shared file system) and takes part in the checkpoints (orbax writes each array's parts from the
+process that holds them); only the first process writes the config, the results and the summary.
+
 Example:
   >>> import tempfile
   >>> from rbyz.sim import config
@@ -63,6 +67,7 @@ class Store:
     def __init__(self, directory: str | Path, exp: config_lib.Experiment):
         self.directory = Path(directory)
         self.exp = exp
+        self.primary = jax.process_index() == 0
         wanted = config_lib.to_dict(exp)
         path = self.directory / CONFIG
         if path.exists():
@@ -80,7 +85,7 @@ class Store:
         elif (self.directory / RESULTS).exists() or (self.directory / CHECKPOINTS).exists():
             raise ValueError(f"{self.directory} holds results but no {CONFIG}: it is not a run "
                              f"directory of rbyz; choose another output directory.")
-        else:
+        elif self.primary:
             io.write_toml(path, wanted)
         self._manager = None
 
@@ -120,8 +125,9 @@ class Store:
              diagnostics: list[dict] = ()) -> None:
         """Writes the rows (and the per-step diagnostic rows) so far; checkpoints the state with
         them when asked (always on the last step); writes the summary last when ``final``."""
-        report.write_results(self.directory / RESULTS, rows)
-        if diagnostics:
+        if self.primary:
+            report.write_results(self.directory / RESULTS, rows)
+        if diagnostics and self.primary:
             report.write_results(self.directory / DIAGNOSTICS, diagnostics)
         if checkpoint or final:
             import orbax.checkpoint as ocp
@@ -132,7 +138,7 @@ class Store:
                 state=ocp.args.StandardSave(state), rows=ocp.args.JsonSave(saved)),
                 force=True)
             manager.wait_until_finished()
-        if final:
+        if final and self.primary:
             io.write_json(self.directory / SUMMARY, rows[-1])
 
     def rows(self) -> list[dict]:

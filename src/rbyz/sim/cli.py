@@ -9,6 +9,8 @@ Example::
 
     rbyz list                                  # every rule and attack, from the declarations
     rbyz run experiment.toml --set train.steps=100 --out runs/one
+    rbyz run experiment.toml --cpu-devices 8 --set parallel.devices=8   # sharded over 8
+    rbyz run experiment.toml --processes 2 --cpu-devices 2              # 2 processes x 2
     rbyz sweep grid.toml --out runs/grid       # re-run to resume; finished runs are skipped
     rbyz report runs/grid                      # tables and plots from finished runs
     rbyz demo                                  # the main job
@@ -38,16 +40,76 @@ def run_command(
     out: Path | None = typer.Option(None, help="The run directory (default runs/<name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    cpu_devices: int = typer.Option(
+        0, help="Simulate this many CPU devices (per process), e.g. with parallel.devices."),
+    processes: int = typer.Option(
+        0, help="Start this many processes on 127.0.0.1, one run across all their devices."),
+    distributed: bool = typer.Option(
+        False, help="Join a cluster run: jax.distributed reads SLURM / Open MPI / TPU env."),
+    coordinator: str | None = typer.Option(None, help="HOST:PORT of process 0 (cluster run)."),
+    num_processes: int | None = typer.Option(None, help="Processes of the run (cluster run)."),
+    process_id: int | None = typer.Option(None, help="This process's index (cluster run)."),
+    heartbeat_timeout: int = typer.Option(
+        60, help="Seconds without a heartbeat before the runtime ends every process."),
 ) -> None:
-    """Train one experiment; writes results.csv, config.toml, report and plots into OUT."""
+    """Train one experiment; writes results.csv, config.toml, report and plots into OUT.
+
+    Across processes (--processes, --distributed, --coordinator) the workers are spread over
+    every device of every process (parallel.devices = 0 unless set); a process that dies ends
+    the others with an error, and the same command resumes from the last checkpoint.
+    """
     from rbyz.sim import config as config_lib
-    from rbyz.sim import report, train
 
     try:
         exp = config_lib.load(config, set_)
-        out = out or Path("runs") / exp.name
-        train.defence(exp)
+    except ValueError as err:
+        _fail(err)
+    out = out or Path("runs") / exp.name
+    if processes:
+        from rbyz.sim import defences, launch
+
+        try:  # every setting checked here, before any process starts
+            defences.defence(exp)
+        except ValueError as err:
+            _fail(err)
+        argv = [str(config), "--out", str(out), *(f"--set={s}" for s in set_)]
+        argv += ["--quiet"] if quiet else []
+        raise typer.Exit(launch.launch(argv, processes, cpu_devices=cpu_devices,
+                                       heartbeat_timeout=heartbeat_timeout))
+    across = distributed or coordinator is not None
+    try:
+        if across:
+            from rbyz.sim import launch
+
+            launch.initialize(coordinator=coordinator, num_processes=num_processes,
+                              process_id=process_id, cpu_devices=cpu_devices, auto=distributed,
+                              heartbeat_timeout=heartbeat_timeout)
+            if not any(s.startswith("parallel.devices") for s in set_):
+                exp = config_lib.override(exp, ["parallel.devices=0"])
+        elif cpu_devices:
+            import jax
+
+            jax.config.update("jax_num_cpu_devices", cpu_devices)
+    except ValueError as err:
+        _fail(err)
+    _train_and_report(exp, out, quiet)
+
+
+def _train_and_report(exp, out: Path, quiet: bool) -> None:
+    import jax
+
+    from rbyz.sim import launch, report, train
+
+    try:
         history = train.train(exp, run_dir=out, progress=not quiet)
+    except ValueError as err:
+        _fail(err)
+    except Exception as err:  # across processes: another one died; exit now, never hang
+        launch.fail_fast(err)
+        raise
+    if jax.process_index() != 0:
+        return
+    try:
         written = report.report(out)
     except ValueError as err:
         _fail(err)

@@ -424,7 +424,7 @@ def _progress_bar(progress, exp: Experiment, done: int) -> Callable:
                 total[0] += k
                 progress(total[0])
         return advance
-    if not progress:
+    if not progress or jax.process_index() != 0:  # one bar for a run across processes
         return lambda k: None
     from tqdm.auto import tqdm
 

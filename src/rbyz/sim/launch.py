@@ -1,0 +1,180 @@
+"""Runs across processes: JAX's distributed runtime on one machine or on a cluster.
+
+A run across processes is the same run on a mesh that spans every process's devices
+(``parallel.devices = 0``): every process runs :func:`rbyz.sim.train.train` on the same
+experiment, holds its own devices' workers, and the collectives go between the processes (gloo
+over TCP on CPUs, NCCL on GPUs, ICI on TPUs). :func:`initialize` joins the runtime before any
+JAX computation; :func:`launch` starts ``N`` processes on 127.0.0.1 for testing
+(``rbyz run exp.toml --processes 2 --cpu-devices 2``) and supervises them.
+
+Faults. A process that dies mid-run must not leave the others hanging:
+
+- the others' next collective with it fails at once (gloo: ``Connection closed by peer``);
+  :func:`fail_fast` turns that into an exit with a message saying what to do;
+- a process that hangs instead of dying stops sending heartbeats: the coordination service
+  ends every process after ``heartbeat_timeout`` seconds (``jax.distributed.initialize``'s
+  ``heartbeat_timeout_seconds``, ``--heartbeat-timeout``);
+- under :func:`launch`, the supervisor stops the other processes as soon as one exits with an
+  error, and exits with status 1 naming it.
+
+The run then resumes from its last checkpoint when the same command is run again: every process
+restores the checkpoint (orbax, a directory shared by the processes), to the numbers of an
+uninterrupted run.
+
+Example (a cluster: SLURM, Open MPI, a TPU pod or a GKE job sets the environment that
+``jax.distributed.initialize()`` detects; on a GPU node each process takes its local GPUs)::
+
+    srun --nodes 2 --ntasks-per-node 1 rbyz run exp.toml --distributed --set parallel.devices=0
+    # or, explicitly, on each host i of N:
+    rbyz run exp.toml --coordinator host0:1234 --num-processes N --process-id i
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+HEARTBEAT_TIMEOUT_S = 60
+INITIALIZATION_TIMEOUT_S = 300
+POLL_S = 0.2
+GRACE_S = 5.0
+
+
+def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, cpu_devices: int = 0, auto: bool = False,
+               heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> None:
+    """Configures JAX for this process and joins the distributed runtime; call it before any
+    JAX computation.
+
+    Args:
+      coordinator: ``host:port`` of process 0's coordination service.
+      num_processes: how many processes the run has.
+      process_id: this process's index.
+      cpu_devices: simulate this many CPU devices in this process (``0``: the platform's
+        devices). Selects the CPU platform and gloo collectives between processes.
+      auto: let ``jax.distributed.initialize()`` read the cluster's environment (SLURM, Open
+        MPI, TPU, GKE) instead of the three arguments above.
+      heartbeat_timeout: seconds without a heartbeat after which the runtime ends every
+        process of the run.
+
+    Raises:
+      ValueError: neither a coordinator with its counts nor ``auto``, or inconsistent counts.
+    """
+    import jax
+
+    if cpu_devices:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    # CPU collectives between processes; the GPU and TPU backends bring their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeouts = dict(initialization_timeout=INITIALIZATION_TIMEOUT_S,
+                    heartbeat_timeout_seconds=heartbeat_timeout)
+    if auto:
+        jax.distributed.initialize(**timeouts)
+        return
+    if coordinator is None or num_processes is None or process_id is None:
+        raise ValueError("launch: a run across processes needs --coordinator HOST:PORT, "
+                         "--num-processes N and --process-id I (or --distributed on a cluster "
+                         "whose environment JAX detects).")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"launch: needs 0 <= process_id < num_processes; got process_id="
+                         f"{process_id}, num_processes={num_processes}.")
+    jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
+
+
+def fail_fast(err: BaseException) -> None:
+    """In a run across processes, ends this process at once after a failed collective (another
+    process died), with a message saying how to resume; returns otherwise.
+
+    It exits without ``jax.distributed.shutdown``, whose barrier would wait for the dead
+    process until the heartbeat timeout.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    sys.stderr.write(
+        f"rbyz: error: process {jax.process_index()} of {jax.process_count()}: {first}\n"
+        "rbyz: another process of this run stopped (or the network between them failed). "
+        "The run resumes from its last checkpoint: run the same command again.\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(3)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_command(argv: Sequence[str], *, port: int, processes: int, process_id: int,
+                  cpu_devices: int, heartbeat_timeout: int) -> list[str]:
+    """The command line of process ``process_id`` of a local run (``rbyz run`` + ``argv``)."""
+    command = [sys.executable, "-m", "rbyz.sim.cli", "run", *argv,
+               "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+               "--process-id", str(process_id), "--heartbeat-timeout", str(heartbeat_timeout)]
+    if cpu_devices:
+        command += ["--cpu-devices", str(cpu_devices)]
+    if process_id:
+        command.append("--quiet")
+    return command
+
+
+def launch(argv: Sequence[str], processes: int, *, cpu_devices: int = 0,
+           heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> int:
+    """Starts ``processes`` processes of ``rbyz run <argv>`` on 127.0.0.1, one coordinator port,
+    and waits for them; when one exits with an error, stops the others (``SIGTERM``, then
+    ``SIGKILL`` after a grace period) and returns 1.
+
+    Returns:
+      The exit status for the launcher: 0 when every process finished, else 1 (2 when the
+      first failure was a configuration error).
+    """
+    port = free_port()
+    procs = [subprocess.Popen(child_command(argv, port=port, processes=processes, process_id=i,
+                                            cpu_devices=cpu_devices,
+                                            heartbeat_timeout=heartbeat_timeout))
+             for i in range(processes)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                index, code = failed[0]
+                _stop(procs)
+                why = f"signal {-code}" if code < 0 else f"status {code}"
+                sys.stderr.write(f"rbyz: error: process {index} of {processes} exited with {why}; "
+                                 "stopped the others. The run resumes from its last checkpoint: "
+                                 "run the same command again.\n")
+                return 2 if code == 2 else 1
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        _stop(procs)
+        return 130
+
+
+def _stop(procs: Sequence[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+__all__ = ("HEARTBEAT_TIMEOUT_S", "child_command", "fail_fast", "free_port", "initialize",
+           "launch")
