@@ -319,3 +319,68 @@ def test_gather_outside_named_axis_says_which_mode():
 def test_worker_mesh_rejects_too_many_devices():
     with pytest.raises(ValueError, match="num_devices"):
         distributed.worker_mesh(jax.device_count() + 1)
+
+
+def _momentum_chain(axis=None, per_shard=None):
+    mode = dict(axis_name=axis, tiled=True) if axis else {}
+    return transforms.robust("trimmed_mean", f=2, attack="sign_flip", momentum=0.9,
+                             n=per_shard or 2 * N, optimizer=optax.sgd(0.1), **mode)
+
+
+def _momentum_batches(steps: int = 3):
+    return jnp.asarray(np.random.default_rng(2).normal(size=(steps, 2 * N, 6, D + 1)),
+                       jnp.float32)
+
+
+def test_state_specs_split_the_worker_momenta_and_replicate_the_rest():
+    tx = _momentum_chain(AXIS, per_shard=2)
+    params = {"w": jnp.zeros(D), "b": jnp.zeros(())}
+    specs = distributed.state_specs(tx, params, _mesh(), num_workers=2 * N)
+    assert jax.tree.leaves(specs[0].inner.trace) == [P(AXIS), P(AXIS)]
+    assert all(s == P() for s in jax.tree.leaves(specs[1:], is_leaf=lambda x: isinstance(x, P)))
+    state = distributed.init_sharded(tx, params, _mesh(), specs)
+    stacked = _momentum_chain().init(params)
+    assert jax.tree.map(np.shape, state) == jax.tree.map(np.shape, stacked)
+
+
+@pytest.mark.skipif(not hasattr(jax, "pmap"), reason="this jax has no pmap")
+def test_pmap_training_step_with_worker_momentum_equals_stacked():
+    """A user's own pmap step: per-device state on a leading device axis, the workers' momenta
+    ``[D, m, ...]`` laid out as ``state_specs`` says, the rest replicated per device."""
+    params = {"w": jnp.zeros(D), "b": jnp.zeros(())}
+    stacked_tx, tx = _momentum_chain(), _momentum_chain(AXIS, per_shard=2)
+
+    @jax.jit
+    def stacked_step(params, state, batch):
+        grads = jax.vmap(jax.grad(_loss), in_axes=(None, 0))(params, batch)
+        updates, state = stacked_tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def device_step(params, state, batch):  # batch: this device's [2, ...] workers
+        grads = jax.vmap(jax.grad(_loss), in_axes=(None, 0))(params, batch)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.pmap(device_step, axis_name=AXIS, in_axes=(None, 0, 0), out_axes=(None, 0))
+    specs = distributed.state_specs(tx, params, _mesh(), num_workers=2 * N)
+    per_device = jax.tree.map(
+        lambda x, spec: (x.reshape(N, -1, *x.shape[1:]) if spec == P(AXIS)
+                         else jnp.broadcast_to(x, (N, *x.shape))),
+        stacked_tx.init(params), specs)
+    want, got, state = params, params, stacked_tx.init(params)
+    for batch in _momentum_batches():
+        want, state = stacked_step(want, state, batch)
+        got, per_device = step(got, per_device, batch.reshape(N, 2, *batch.shape[1:]))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("call", [
+    lambda mesh: distributed.shard_workers(jnp.zeros((8, 2)), mesh),
+    lambda mesh: distributed.state_specs(transforms.aggregate("median"), jnp.zeros(2), mesh,
+                                         num_workers=8),
+    lambda mesh: distributed.mesh_size(mesh),
+])
+def test_a_mesh_without_the_workers_axis_is_a_clear_error(call):
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    with pytest.raises(ValueError, match="the mesh has axes \\('data',\\), none named 'workers'"):
+        call(mesh)

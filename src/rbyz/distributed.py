@@ -296,6 +296,7 @@ def shard_workers(tree, mesh: Mesh, axis_name: str = WORKERS):
       >>> x.sharding.spec[0]
       'workers'
     """
+    mesh_size(mesh, axis_name, "shard_workers")
     return jax.device_put(tree, NamedSharding(mesh, P(axis_name)))
 
 
@@ -328,6 +329,22 @@ def put(tree, mesh: Mesh, specs=None):
                                             lambda index: host[index])
 
     return jax.tree.map(place, tree, specs)
+
+
+def mesh_size(mesh: Mesh, axis_name: str = WORKERS, where: str = "mesh_size") -> int:
+    """The size of ``mesh``'s axis ``axis_name``; a ``ValueError`` naming the mesh's axes and
+    the fix when it has no such axis.
+
+    Example:
+      >>> mesh_size(worker_mesh(4))
+      4
+    """
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"{where}: the mesh has axes {tuple(mesh.axis_names)}, none named {axis_name!r}; "
+            f"build it with rbyz.distributed.worker_mesh() (axis 'workers'), or pass "
+            f"axis_name=<the mesh's worker axis> here and to the transforms.")
+    return mesh.shape[axis_name]
 
 
 def _is_spec(x) -> bool:
@@ -370,7 +387,7 @@ def state_specs(tx, params, mesh: Mesh, *, num_workers: int, axis_name: str = WO
       >>> specs[0].inner.trace == P("workers"), specs[1].count == P()
       (True, True)
     """
-    devices = mesh.shape[axis_name]
+    devices = mesh_size(mesh, axis_name, "state_specs")
 
     def struct(x, spec, scale=1):
         shape = tuple(np.shape(x))
@@ -430,7 +447,7 @@ def init_sharded(tx, params, mesh: Mesh, specs, *, axis_name: str = WORKERS):
       >>> init_sharded(tx, jnp.zeros(3), mesh, specs).inner.trace.shape  # 8 workers' momenta
       (8, 3)
     """
-    del axis_name  # the specs name it
+    mesh_size(mesh, axis_name, "init_sharded")
     params = put(params, mesh)
     return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
 
@@ -440,6 +457,7 @@ __all__ = (
     "gather_workers",
     "init_sharded",
     "local_grad",
+    "mesh_size",
     "put",
     "replicate",
     "scatter_coordinates",
