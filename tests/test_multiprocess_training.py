@@ -118,6 +118,33 @@ def test_a_killed_process_ends_the_others_and_the_run_resumes(tmp_path):
     np.testing.assert_allclose(_losses(out), _one_process(cfg), rtol=1e-5)
 
 
+def test_a_stopped_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
+    """SIGSTOP: no failed connection, no exit; only the missing heartbeats tell."""
+    cfg = _config(tmp_path, steps=300)
+    out = tmp_path / "run"
+    port = launch.free_port()
+    procs = [_rbyz(str(cfg), "--out", str(out), "--cpu-devices", "2", "--coordinator",
+                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                   "--heartbeat-timeout", str(HEARTBEAT_S)) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / checkpoint.CHECKPOINTS).glob("[0-9]*")):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "no checkpoint"
+            time.sleep(0.2)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        output, _ = procs[0].communicate(timeout=BOUND_S)
+        took = time.monotonic() - stopped
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert procs[0].returncode != 0 and took < BOUND_S
+    assert "heartbeat" in output or "another process of this run stopped" in output, \
+        output[-3000:]
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []

@@ -11,7 +11,9 @@ The pieces, each usable on its own:
 - :mod:`rbyz.sim.models`: flax (nnx) MLP, CNN and logistic regression, or a user's own module;
 - :mod:`rbyz.sim.grads`: the per-worker gradients, in their fastest formulation;
 - :mod:`rbyz.sim.config`: experiments as dataclasses read from TOML, overrides, sweep grids;
-- :mod:`rbyz.sim.train`: the defence built from the declarations, the step, the run;
+- :mod:`rbyz.sim.defences`: the defence built from the declarations, every setting checked;
+- :mod:`rbyz.sim.train`: the step (on one device, or under ``shard_map`` over
+  :mod:`rbyz.sim.parallel`'s placement), the run; :mod:`rbyz.sim.launch`: across processes;
 - :mod:`rbyz.sim.checkpoint`, :mod:`rbyz.sim.sweep`, :mod:`rbyz.sim.report`: run directories
   that resume after a kill, grids that skip finished runs, tables and plots;
 - :mod:`rbyz.sim.diagnostics`, :mod:`rbyz.sim.diagnostics_plot`: why a defence fails, per step
@@ -33,9 +35,10 @@ command line, progress bars, plots, checkpoints and the embedded dataset.
 
 from rbyz.sim import config as config
 from rbyz.sim import data as data
+from rbyz.sim import defences as defences
 from rbyz.sim import grads as grads
 from rbyz.sim import models as models
 from rbyz.sim import partition as partition
 from rbyz.sim import train as train
 
-__all__ = ("config", "data", "grads", "models", "partition", "train")
+__all__ = ("config", "data", "defences", "grads", "models", "partition", "train")

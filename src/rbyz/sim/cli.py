@@ -23,6 +23,8 @@ from pathlib import Path
 
 import typer
 
+from rbyz.sim.launch import COLLECTIVE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S  # stdlib only
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rbyz: Byzantine-robust distributed training experiments.")
 
@@ -50,7 +52,11 @@ def run_command(
     num_processes: int | None = typer.Option(None, help="Processes of the run (cluster run)."),
     process_id: int | None = typer.Option(None, help="This process's index (cluster run)."),
     heartbeat_timeout: int = typer.Option(
-        60, help="Seconds without a heartbeat before the runtime ends every process."),
+        HEARTBEAT_TIMEOUT_S,
+        help="Seconds without a heartbeat before the runtime ends every process."),
+    collective_timeout: int = typer.Option(
+        COLLECTIVE_TIMEOUT_S,
+        help="Seconds a CPU collective waits for another process before it fails."),
 ) -> None:
     """Train one experiment; writes results.csv, config.toml, report and plots into OUT.
 
@@ -75,7 +81,8 @@ def run_command(
         argv = [str(config), "--out", str(out), *(f"--set={s}" for s in set_)]
         argv += ["--quiet"] if quiet else []
         raise typer.Exit(launch.launch(argv, processes, cpu_devices=cpu_devices,
-                                       heartbeat_timeout=heartbeat_timeout))
+                                       heartbeat_timeout=heartbeat_timeout,
+                                       collective_timeout=collective_timeout))
     across = distributed or coordinator is not None
     try:
         if across:
@@ -83,7 +90,8 @@ def run_command(
 
             launch.initialize(coordinator=coordinator, num_processes=num_processes,
                               process_id=process_id, cpu_devices=cpu_devices, auto=distributed,
-                              heartbeat_timeout=heartbeat_timeout)
+                              heartbeat_timeout=heartbeat_timeout,
+                              collective_timeout=collective_timeout)
             if not any(s.startswith("parallel.devices") for s in set_):
                 exp = config_lib.override(exp, ["parallel.devices=0"])
         elif cpu_devices:

@@ -10,12 +10,19 @@ JAX computation; :func:`launch` starts ``N`` processes on 127.0.0.1 for testing
 Faults. A process that dies mid-run must not leave the others hanging:
 
 - the others' next collective with it fails at once (gloo: ``Connection closed by peer``);
-  :func:`fail_fast` turns that into an exit with a message saying what to do;
-- a process that hangs instead of dying stops sending heartbeats: the coordination service
-  ends every process after ``heartbeat_timeout`` seconds (``jax.distributed.initialize``'s
-  ``heartbeat_timeout_seconds``, ``--heartbeat-timeout``);
-- under :func:`launch`, the supervisor stops the other processes as soon as one exits with an
-  error, and exits with status 1 naming it.
+  :func:`fail_fast` turns that into an exit with a message saying what to do (an exception
+  that is not a collective's ends a process the same way: a process left to exit normally
+  would wait in ``jax.distributed.shutdown``'s barrier for the others);
+- a process that stops (``SIGSTOP``, a dead machine) stops sending heartbeats: the coordination
+  service ends every process after at most ``heartbeat_timeout`` seconds
+  (``jax.distributed.initialize``'s ``heartbeat_timeout_seconds``, ``--heartbeat-timeout``);
+- a process alive but stuck outside the collectives keeps its heartbeats: the others' next
+  collective with it fails after ``collective_timeout`` seconds (XLA's
+  ``--xla_cpu_collective_timeout_seconds`` for gloo, 1800 by default, set here;
+  ``--collective-timeout``);
+- under :func:`launch`, the supervisor kills the other processes as soon as one exits with an
+  error, and exits with status 1 naming it (``SIGKILL``: JAX's preemption service ignores
+  ``SIGTERM``, and an orbax checkpoint is atomic).
 
 The run then resumes from its last checkpoint when the same command is run again: every process
 restores the checkpoint (orbax, a directory shared by the processes), to the numbers of an
@@ -40,14 +47,15 @@ import time
 from collections.abc import Sequence
 
 HEARTBEAT_TIMEOUT_S = 60
+COLLECTIVE_TIMEOUT_S = 600
 INITIALIZATION_TIMEOUT_S = 300
 POLL_S = 0.2
-GRACE_S = 5.0
 
 
 def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, cpu_devices: int = 0, auto: bool = False,
-               heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> None:
+               heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S,
+               collective_timeout: int = COLLECTIVE_TIMEOUT_S) -> None:
     """Configures JAX for this process and joins the distributed runtime; call it before any
     JAX computation.
 
@@ -60,11 +68,16 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
       auto: let ``jax.distributed.initialize()`` read the cluster's environment (SLURM, Open
         MPI, TPU, GKE) instead of the three arguments above.
       heartbeat_timeout: seconds without a heartbeat after which the runtime ends every
-        process of the run.
+        process of the run (also the time ``jax.distributed.shutdown`` waits for the others).
+      collective_timeout: seconds a CPU (gloo) collective waits for the other processes before
+        it fails; longer than any step, compilation, evaluation or checkpoint of the run.
 
     Raises:
       ValueError: neither a coordinator with its counts nor ``auto``, or inconsistent counts.
     """
+    flag = "--xla_cpu_collective_timeout_seconds"
+    if flag not in os.environ.get("XLA_FLAGS", ""):  # read when the backend starts
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={collective_timeout}"
     import jax
 
     if cpu_devices:
@@ -73,7 +86,8 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
     # CPU collectives between processes; the GPU and TPU backends bring their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeouts = dict(initialization_timeout=INITIALIZATION_TIMEOUT_S,
-                    heartbeat_timeout_seconds=heartbeat_timeout)
+                    heartbeat_timeout_seconds=heartbeat_timeout,
+                    shutdown_timeout_seconds=heartbeat_timeout)
     if auto:
         jax.distributed.initialize(**timeouts)
         return
@@ -116,11 +130,12 @@ def free_port() -> int:
 
 
 def child_command(argv: Sequence[str], *, port: int, processes: int, process_id: int,
-                  cpu_devices: int, heartbeat_timeout: int) -> list[str]:
+                  cpu_devices: int, heartbeat_timeout: int, collective_timeout: int) -> list[str]:
     """The command line of process ``process_id`` of a local run (``rbyz run`` + ``argv``)."""
     command = [sys.executable, "-m", "rbyz.sim.cli", "run", *argv,
                "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
-               "--process-id", str(process_id), "--heartbeat-timeout", str(heartbeat_timeout)]
+               "--process-id", str(process_id), "--heartbeat-timeout", str(heartbeat_timeout),
+               "--collective-timeout", str(collective_timeout)]
     if cpu_devices:
         command += ["--cpu-devices", str(cpu_devices)]
     if process_id:
@@ -129,10 +144,10 @@ def child_command(argv: Sequence[str], *, port: int, processes: int, process_id:
 
 
 def launch(argv: Sequence[str], processes: int, *, cpu_devices: int = 0,
-           heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> int:
+           heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S,
+           collective_timeout: int = COLLECTIVE_TIMEOUT_S) -> int:
     """Starts ``processes`` processes of ``rbyz run <argv>`` on 127.0.0.1, one coordinator port,
-    and waits for them; when one exits with an error, stops the others (``SIGTERM``, then
-    ``SIGKILL`` after a grace period) and returns 1.
+    and waits for them; when one exits with an error, kills the others and returns 1.
 
     Returns:
       The exit status for the launcher: 0 when every process finished, else 1 (2 when the
@@ -141,7 +156,8 @@ def launch(argv: Sequence[str], processes: int, *, cpu_devices: int = 0,
     port = free_port()
     procs = [subprocess.Popen(child_command(argv, port=port, processes=processes, process_id=i,
                                             cpu_devices=cpu_devices,
-                                            heartbeat_timeout=heartbeat_timeout))
+                                            heartbeat_timeout=heartbeat_timeout,
+                                            collective_timeout=collective_timeout))
              for i in range(processes)]
     try:
         while True:
@@ -166,15 +182,10 @@ def launch(argv: Sequence[str], processes: int, *, cpu_devices: int = 0,
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
+            p.send_signal(signal.SIGKILL)
     for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        p.wait()
 
 
-__all__ = ("HEARTBEAT_TIMEOUT_S", "child_command", "fail_fast", "free_port", "initialize",
+__all__ = ("COLLECTIVE_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S", "child_command", "fail_fast", "free_port", "initialize",
            "launch")
