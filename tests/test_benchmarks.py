@@ -16,8 +16,9 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "scaling.py"
 def test_scaling_benchmark_prints_every_table(tmp_path):
     out = tmp_path / "scaling.md"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--devices", "1", "2", "--bandwidth",
-         "--bw-n", "10", "--repeats", "1", "--no-byzfl", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--devices", "1", "2", "--layouts",
+         "coordinates", "--bandwidth", "--bw-n", "10", "--repeats", "1", "--no-byzfl", "--out",
+         str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()

@@ -86,7 +86,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
 
 
 def test_a_killed_process_ends_the_others_and_the_run_resumes(tmp_path):
-    cfg = _config(tmp_path, steps=300)
+    cfg = _config(tmp_path, steps=200)
     out = tmp_path / "run"
     port = launch.free_port()
     procs = [_rbyz(str(cfg), "--out", str(out), "--cpu-devices", "2", "--coordinator",
@@ -120,7 +120,7 @@ def test_a_killed_process_ends_the_others_and_the_run_resumes(tmp_path):
 
 def test_a_stopped_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
     """SIGSTOP: no failed connection, no exit; only the missing heartbeats tell."""
-    cfg = _config(tmp_path, steps=300)
+    cfg = _config(tmp_path, steps=200)
     out = tmp_path / "run"
     port = launch.free_port()
     procs = [_rbyz(str(cfg), "--out", str(out), "--cpu-devices", "2", "--coordinator",
@@ -160,7 +160,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
 def test_the_launcher_stops_the_others_when_one_dies(tmp_path):
-    cfg = _config(tmp_path, steps=300)
+    cfg = _config(tmp_path, steps=200)
     out = tmp_path / "run"
     proc = _rbyz(str(cfg), "--out", str(out), "--processes", "2", "--cpu-devices", "2")
     try:

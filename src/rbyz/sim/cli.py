@@ -45,7 +45,8 @@ def run_command(
     cpu_devices: int = typer.Option(
         0, help="Simulate this many CPU devices (per process), e.g. with parallel.devices."),
     processes: int = typer.Option(
-        0, help="Start this many processes on 127.0.0.1, one run across all their devices."),
+        0, help="Start this many CPU processes on 127.0.0.1 (a test of a multi-host run), one "
+                "run across all their devices (--cpu-devices each, default 1)."),
     distributed: bool = typer.Option(
         False, help="Join a cluster run: jax.distributed reads SLURM / Open MPI / TPU env."),
     coordinator: str | None = typer.Option(None, help="HOST:PORT of process 0 (cluster run)."),
@@ -80,7 +81,8 @@ def run_command(
             _fail(err)
         argv = [str(config), "--out", str(out), *(f"--set={s}" for s in set_)]
         argv += ["--quiet"] if quiet else []
-        raise typer.Exit(launch.launch(argv, processes, cpu_devices=cpu_devices,
+        # Local processes are for testing: they run on the CPU (one device each by default).
+        raise typer.Exit(launch.launch(argv, processes, cpu_devices=cpu_devices or 1,
                                        heartbeat_timeout=heartbeat_timeout,
                                        collective_timeout=collective_timeout))
     across = distributed or coordinator is not None
@@ -133,6 +135,8 @@ def sweep_command(
     out: Path | None = typer.Option(None, help="The sweep directory (default runs/<name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    cpu_devices: int = typer.Option(
+        0, help="Simulate this many CPU devices, e.g. for runs with parallel.devices."),
 ) -> None:
     """Train every experiment of a grid (rules x attacks x f x heterogeneity x seeds); skips
     finished runs, resumes a half-written one; writes the table with each rule's worst-case
@@ -140,6 +144,10 @@ def sweep_command(
     from rbyz.sim import config as config_lib
     from rbyz.sim import sweep
 
+    if cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
     try:
         document = config_lib.read(config)
         out = out or Path("runs") / str(document.get("name", "sweep"))

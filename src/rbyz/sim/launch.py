@@ -31,9 +31,14 @@ uninterrupted run.
 Example (a cluster: SLURM, Open MPI, a TPU pod or a GKE job sets the environment that
 ``jax.distributed.initialize()`` detects; on a GPU node each process takes its local GPUs)::
 
-    srun --nodes 2 --ntasks-per-node 1 rbyz run exp.toml --distributed --set parallel.devices=0
-    # or, explicitly, on each host i of N:
+    srun --nodes 2 --ntasks-per-node 1 rbyz run exp.toml --distributed
+    # a TPU pod slice: the same command on every host
+    gcloud compute tpus tpu-vm ssh NAME --worker=all --command="rbyz run exp.toml --distributed"
+    # or, explicitly, on each host i of N (host0 reachable from all):
     rbyz run exp.toml --coordinator host0:1234 --num-processes N --process-id i
+
+From Python, call :func:`initialize` first, then :func:`rbyz.sim.train.train` on every process,
+and :func:`fail_fast` on an exception, as the command line does.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from rbyz.sim import checkpoint, report
+from rbyz.sim import checkpoint, parallel, report
 from rbyz.sim import config as config_lib
 from rbyz.sim import partition as partition_lib
 from rbyz.sim import train as train_lib
@@ -46,11 +46,11 @@ def run_id(exp: config_lib.Experiment) -> str:
 
 
 def check_all(grid: Sequence[config_lib.Experiment]) -> None:
-    """Builds every experiment's defence (no data, no compute): the first bad one raises,
-    named by its run id."""
+    """Builds every experiment's defence and placement on the devices (no data, no compute):
+    the first bad one raises, named by its run id."""
     for exp in grid:
         try:
-            train_lib.defence(exp)
+            parallel.placement(exp, train_lib.defence(exp).units)
         except ValueError as err:
             raise ValueError(f"sweep run {run_id(exp)}: {err}") from None
 
