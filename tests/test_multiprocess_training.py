@@ -193,3 +193,15 @@ def test_a_bad_setting_fails_before_any_process_starts(tmp_path):
     assert proc.returncode == 2
     assert "centered_clipping" in output and "f=7" in output, output[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--distributed"], "--distributed found no cluster environment"),
+    (["--coordinator", "127.0.0.1:1"], "needs --coordinator HOST:PORT, --num-processes N"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     "needs 0 <= process_id < num_processes"),
+])
+def test_joining_a_run_without_its_settings_is_a_clear_error(tmp_path, flags, message):
+    proc = _rbyz(str(_config(tmp_path, steps=10)), "--out", str(tmp_path / "run"), *flags)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and message in output, output[-2000:]

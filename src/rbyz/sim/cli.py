@@ -62,8 +62,8 @@ def run_command(
     """Train one experiment; writes results.csv, config.toml, report and plots into OUT.
 
     Across processes (--processes, --distributed, --coordinator) the workers are spread over
-    every device of every process (parallel.devices = 0 unless set); a process that dies ends
-    the others with an error, and the same command resumes from the last checkpoint.
+    every device of every process (parallel.devices = 1 becomes 0: all); a process that dies
+    ends the others with an error, and the same command resumes from the last checkpoint.
     """
     from rbyz.sim import config as config_lib
 
@@ -94,7 +94,7 @@ def run_command(
                               process_id=process_id, cpu_devices=cpu_devices, auto=distributed,
                               heartbeat_timeout=heartbeat_timeout,
                               collective_timeout=collective_timeout)
-            if not any(s.startswith("parallel.devices") for s in set_):
+            if exp.parallel.devices == 1:  # one device cannot hold a run across processes
                 exp = config_lib.override(exp, ["parallel.devices=0"])
         elif cpu_devices:
             import jax

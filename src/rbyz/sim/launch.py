@@ -88,13 +88,21 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
     if cpu_devices:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", cpu_devices)
-    # CPU collectives between processes; the GPU and TPU backends bring their own.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:  # CPU collectives between processes; the GPU and TPU backends bring their own
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # a jax whose CPU client picks its collectives itself
+        pass
     timeouts = dict(initialization_timeout=INITIALIZATION_TIMEOUT_S,
                     heartbeat_timeout_seconds=heartbeat_timeout,
                     shutdown_timeout_seconds=heartbeat_timeout)
     if auto:
-        jax.distributed.initialize(**timeouts)
+        try:
+            jax.distributed.initialize(**timeouts)
+        except ValueError as err:
+            raise ValueError(f"launch: --distributed found no cluster environment that JAX "
+                             f"detects (SLURM, Open MPI, TPU, GKE): {err} On one machine use "
+                             f"--processes N; elsewhere pass --coordinator HOST:PORT "
+                             f"--num-processes N --process-id I.") from None
         return
     if coordinator is None or num_processes is None or process_id is None:
         raise ValueError("launch: a run across processes needs --coordinator HOST:PORT, "
