@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rbyz.sim import io, report
+from rbyz.sim import io, plots, report
 
 pytest.importorskip("tabulate")
 pytest.importorskip("matplotlib")
@@ -272,8 +272,8 @@ def test_plots_are_png(tmp_path):
     other, _ = make_rows(f=3, seeds=(0,), seed=2)
     for name, data in (("one", rows), ("two", rows + other)):
         acc, heat = tmp_path / name / "accuracy.png", tmp_path / name / "heatmap.png"
-        report.plot_accuracy(data, acc)
-        report.plot_heatmap(data, heat)
+        plots.plot_accuracy(data, acc)
+        plots.plot_heatmap(data, heat)
         for path in (acc, heat):
             blob = path.read_bytes()
             assert blob[:8] == PNG and len(blob) > 10_000
@@ -336,7 +336,7 @@ def test_missing_optional_dependency_says_how_to_install(monkeypatch, tmp_path, 
 
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     call = {"tabulate": lambda: report.accuracy_table(make_rows()[0]),
-            "matplotlib.figure": lambda: report.plot_heatmap(make_rows()[0], tmp_path / "h.png"),
+            "matplotlib.figure": lambda: plots.plot_heatmap(make_rows()[0], tmp_path / "h.png"),
             "tomli_w": lambda: io.write_toml(tmp_path / "c.toml", {"a": 1})}[module]
     with pytest.raises(ImportError, match=r"pip install 'rbyz\[experiments\]'"):
         call()

@@ -14,7 +14,8 @@ The pieces, each usable on its own:
 - :mod:`rbyz.sim.defences`: the defence built from the declarations, every setting checked;
 - :mod:`rbyz.sim.train`: the step (on one device, or under ``shard_map`` over
   :mod:`rbyz.sim.parallel`'s placement), the run; :mod:`rbyz.sim.launch`: across processes;
-- :mod:`rbyz.sim.checkpoint`, :mod:`rbyz.sim.sweep`, :mod:`rbyz.sim.report`: run directories
+- :mod:`rbyz.sim.checkpoint`, :mod:`rbyz.sim.sweep`, :mod:`rbyz.sim.report`,
+  :mod:`rbyz.sim.plots`: run directories
   that resume after a kill, grids that skip finished runs, tables and plots;
 - :mod:`rbyz.sim.diagnostics`, :mod:`rbyz.sim.diagnostics_plot`: why a defence fails, per step
   (coordinates an attacker can flip, the Byzantine share of the aggregate), and its figure;

@@ -34,6 +34,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from rbyz.sim import plots
 from rbyz.sim import report as report_lib
 from rbyz.sim.checkpoint import DIAGNOSTICS
 
@@ -99,8 +100,8 @@ def plot_diagnostics(rows: Iterable[Mapping], path: str | Path, *, first: int = 
     attacks = report_lib._attack_order(rows)
     attacked = [a for a in attacks if a != report_lib.NO_ATTACK]
     rules = report_lib._first_seen(r["rule"] for r in rows)
-    colours = report_lib._colours(rules)
-    fig = report_lib._figure("plot_diagnostics", figsize=(0.8 + 4.0 * (1 + len(attacked)), 3.4),
+    colours = plots._colours(rules)
+    fig = plots._figure("plot_diagnostics", figsize=(0.8 + 4.0 * (1 + len(attacked)), 3.4),
                              layout="constrained")
     axes = fig.subplots(1, 1 + len(attacked), squeeze=False)[0]
 
@@ -137,12 +138,12 @@ def plot_diagnostics(rows: Iterable[Mapping], path: str | Path, *, first: int = 
         ax.grid(True, alpha=0.3)
     if attacked:
         axes[1].set_ylabel(f"Byzantine share of the aggregate\n({window}-step mean; dotted: f/n)")
-        report_lib._legend(fig, axes[1:])
+        plots._legend(fig, axes[1:])
     common = report_lib._constants(rows)
     seeds = len(report_lib._first_seen(r["seed"] for r in rows))
     fig.suptitle("Why a defence fails" + (f": {common}" if common else "")
                  + (f"; mean over {seeds} seeds" if seeds > 1 else ""), fontsize=11)
-    report_lib._save(fig, path)
+    plots._save(fig, path)
 
 
 __all__ = ("collect", "plot_diagnostics")
