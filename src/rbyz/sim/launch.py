@@ -55,6 +55,10 @@ HEARTBEAT_TIMEOUT_S = 60
 COLLECTIVE_TIMEOUT_S = 600
 INITIALIZATION_TIMEOUT_S = 300
 POLL_S = 0.2
+# The exit status of a process that stops because another one did (:func:`fail_fast`).
+PEER_FAILED = 3
+# How long the launcher waits, after a process that stopped for another one, for that one.
+CULPRIT_WAIT_S = 3.0
 
 
 def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
@@ -132,7 +136,7 @@ def fail_fast(err: BaseException) -> None:
         "The run resumes from its last checkpoint: run the same command again.\n")
     sys.stderr.flush()
     sys.stdout.flush()
-    os._exit(3)
+    os._exit(PEER_FAILED)
 
 
 def free_port() -> int:
@@ -177,7 +181,7 @@ def launch(argv: Sequence[str], processes: int, *, cpu_devices: int = 0,
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                index, code = failed[0]
+                index, code = _culprit(procs, failed)
                 _stop(procs)
                 why = f"signal {-code}" if code < 0 else f"status {code}"
                 sys.stderr.write(f"rbyz: error: process {index} of {processes} exited with {why}; "
@@ -192,6 +196,16 @@ def launch(argv: Sequence[str], processes: int, *, cpu_devices: int = 0,
         return 130
 
 
+def _culprit(procs: Sequence[subprocess.Popen], failed: list) -> tuple[int, int]:
+    """``(index, status)`` of the process whose failure ended the run: not one that stopped
+    because another did (:data:`PEER_FAILED`), if that other one ends within a few seconds."""
+    deadline = time.monotonic() + CULPRIT_WAIT_S
+    while all(code == PEER_FAILED for _, code in failed) and time.monotonic() < deadline:
+        time.sleep(POLL_S / 4)
+        failed = [(i, p.poll()) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+    return next(((i, c) for i, c in failed if c != PEER_FAILED), failed[0])
+
+
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -200,5 +214,5 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
         p.wait()
 
 
-__all__ = ("COLLECTIVE_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S", "child_command", "fail_fast", "free_port", "initialize",
+__all__ = ("COLLECTIVE_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S", "PEER_FAILED", "child_command", "fail_fast", "free_port", "initialize",
            "launch")
