@@ -85,28 +85,47 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "run"), _one_process(cfg), rtol=1e-5)
 
 
+def _cluster(cfg: Path, out: Path) -> list[subprocess.Popen]:
+    """Two processes joined by hand, as on a cluster (no launcher to stop them)."""
+    port = launch.free_port()
+    return [_rbyz(str(cfg), "--out", str(out), "--cpu-devices", "2", "--coordinator",
+                  f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                  "--heartbeat-timeout", str(HEARTBEAT_S)) for i in range(2)]
+
+
+def _wait_for_checkpoint(out: Path, proc: subprocess.Popen) -> None:
+    """Until the run's first checkpoint is written (mid-run), ``proc`` still running."""
+    deadline = time.monotonic() + 240
+    while not list((out / checkpoint.CHECKPOINTS).glob("[0-9]*")):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+
+
+def _signal_and_wait(pid: int, sig: int, survivor: subprocess.Popen) -> tuple[str, float]:
+    """Sends ``sig`` to ``pid``; ``survivor``'s output and the seconds it took to end."""
+    os.kill(pid, sig)
+    sent = time.monotonic()
+    output, _ = survivor.communicate(timeout=BOUND_S)
+    return output, time.monotonic() - sent
+
+
+def _kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_a_killed_process_ends_the_others_and_the_run_resumes(tmp_path):
     cfg = _config(tmp_path, steps=200)
     out = tmp_path / "run"
-    port = launch.free_port()
-    procs = [_rbyz(str(cfg), "--out", str(out), "--cpu-devices", "2", "--coordinator",
-                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                   "--heartbeat-timeout", str(HEARTBEAT_S)) for i in range(2)]
+    procs = _cluster(cfg, out)
     try:
-        deadline = time.monotonic() + 240
-        while not list((out / checkpoint.CHECKPOINTS).glob("[0-9]*")):
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
-            time.sleep(0.2)
-        os.kill(procs[1].pid, signal.SIGKILL)
-        killed = time.monotonic()
-        output, _ = procs[0].communicate(timeout=BOUND_S)
-        took = time.monotonic() - killed
+        _wait_for_checkpoint(out, procs[0])
+        output, took = _signal_and_wait(procs[1].pid, signal.SIGKILL, procs[0])
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_all(procs)
     assert procs[0].returncode != 0, "the surviving process finished without its peer"
     assert took < BOUND_S
     assert "another process of this run stopped" in output, output[-3000:]
@@ -122,24 +141,12 @@ def test_a_stopped_process_ends_the_others_within_the_heartbeat_timeout(tmp_path
     """SIGSTOP: no failed connection, no exit; only the missing heartbeats tell."""
     cfg = _config(tmp_path, steps=200)
     out = tmp_path / "run"
-    port = launch.free_port()
-    procs = [_rbyz(str(cfg), "--out", str(out), "--cpu-devices", "2", "--coordinator",
-                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                   "--heartbeat-timeout", str(HEARTBEAT_S)) for i in range(2)]
+    procs = _cluster(cfg, out)
     try:
-        deadline = time.monotonic() + 240
-        while not list((out / checkpoint.CHECKPOINTS).glob("[0-9]*")):
-            assert time.monotonic() < deadline and procs[0].poll() is None, "no checkpoint"
-            time.sleep(0.2)
-        os.kill(procs[1].pid, signal.SIGSTOP)
-        stopped = time.monotonic()
-        output, _ = procs[0].communicate(timeout=BOUND_S)
-        took = time.monotonic() - stopped
+        _wait_for_checkpoint(out, procs[0])
+        output, took = _signal_and_wait(procs[1].pid, signal.SIGSTOP, procs[0])
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_all(procs)
     assert procs[0].returncode != 0 and took < BOUND_S
     assert "heartbeat" in output or "another process of this run stopped" in output, \
         output[-3000:]
@@ -164,22 +171,14 @@ def test_the_launcher_stops_the_others_when_one_dies(tmp_path):
     out = tmp_path / "run"
     proc = _rbyz(str(cfg), "--out", str(out), "--processes", "2", "--cpu-devices", "2")
     try:
-        deadline = time.monotonic() + 240
-        while not list((out / checkpoint.CHECKPOINTS).glob("[0-9]*")):
-            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
-            time.sleep(0.2)
+        _wait_for_checkpoint(out, proc)
         children = _children(proc.pid)
         assert len(children) == 2
         second = next(c for c in children
                       if b"--process-id\x001" in Path(f"/proc/{c}/cmdline").read_bytes())
-        os.kill(second, signal.SIGKILL)
-        killed = time.monotonic()
-        output, _ = proc.communicate(timeout=BOUND_S)
-        took = time.monotonic() - killed
+        output, took = _signal_and_wait(second, signal.SIGKILL, proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill_all([proc])
     assert proc.returncode == 1
     assert took < BOUND_S
     assert "process 1 of 2 exited with signal 9; stopped the others" in output, output[-3000:]

@@ -235,14 +235,18 @@ def defence(exp: Experiment, where: Placement = STACKED) -> Defence:
         declare, ``f`` too large for the rule, or a combination that cannot run (naming the
         field and how to fix it).
     """
-    if where.sharded:
-        stacked = defence(exp)
-        try:
-            return stacked._replace(tx=_build(exp, where).tx, stages=None)
-        except ValueError as err:  # every other setting passed on one device
-            _fail("parallel", f"{exp.rule_label} cannot run this way over {where.devices} "
-                              f"devices: {err}")
-    return _build(exp, STACKED)
+    stacked = _build(exp, STACKED)
+    return collective(exp, stacked, where) if where.sharded else stacked
+
+
+def collective(exp: Experiment, stacked: Defence, where: Placement) -> Defence:
+    """``stacked`` (``defence(exp)``, every setting checked) with its chain rebuilt in
+    collective mode for ``where``, from the same keys."""
+    try:
+        return stacked._replace(tx=_build(exp, where).tx, stages=None)
+    except ValueError as err:  # every other setting passed on one device
+        _fail("parallel", f"{exp.rule_label} cannot run this way over {where.devices} "
+                          f"devices: {err}")
 
 
 def _build(exp: Experiment, where: Placement) -> Defence:
@@ -376,4 +380,4 @@ def _election(exp: Experiment, hp: dict, optimizer, seed: int, attack_fn,
 
 
 __all__ = ("ALGORITHMS", "ATTACK_TARGETS", "DATA_ATTACKS", "OPTIMIZERS", "POSITIONS", "Defence",
-           "defence", "int_seed", "server_optimizer", "streams")
+           "collective", "defence", "int_seed", "server_optimizer", "streams")

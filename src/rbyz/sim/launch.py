@@ -202,7 +202,8 @@ def _culprit(procs: Sequence[subprocess.Popen], failed: list) -> tuple[int, int]
     deadline = time.monotonic() + CULPRIT_WAIT_S
     while all(code == PEER_FAILED for _, code in failed) and time.monotonic() < deadline:
         time.sleep(POLL_S / 4)
-        failed = [(i, p.poll()) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
     return next(((i, c) for i, c in failed if c != PEER_FAILED), failed[0])
 
 

@@ -84,7 +84,7 @@ def task(exp: Experiment, *, model: models_lib.Model | None = None,
     built = defence(exp)
     where = parallel.placement(exp, built.units)
     if where.sharded:
-        built = defence(exp, where)
+        built = defences_lib.collective(exp, built, where)
     if dataset is None:
         dataset = dataset_of(exp)
     units = built.units // built.group_size
