@@ -15,6 +15,10 @@ In one run, on the default JAX device (named in the header):
 (d) ByzFL's own framework (its ``Client``/``ByzantineClient``/``Server`` classes on torch, the
     loop body of ``byzfl.benchmark.train`` for DSGD) at the same settings, when torch and ByzFL
     import, and rbyz's speedup;
+(f) privacy: the per-example clipped gradients of (b)'s MLP (``n = 25``, ``B = 32``; and the
+    Poisson capacity ``B + 5 sqrt(B)`` of ``rbyz.privacy.PrivacyPlan``) beside the unclipped
+    per-worker gradients, the overhead of per-example gradients; and the accountant
+    (``rbyz.privacy.accounting``) for ``T = 10^4`` steps, RDP and PLD;
 (e) scale on one device: n in {10, 25, 100, 400, 1000} workers, time per step and peak memory
     (XLA's compiled memory; and the peak RSS of a fresh process per point, unless ``--quick``),
     for mean, trimmed mean, median and Krum, with the growth exponent in n (``--quick``: n in
@@ -65,7 +69,7 @@ from aggregators import load_byzfl, machine, time_together
 
 N, F, BATCH, Z, LR, BETA = 25, 5, 32, 1.0, 0.1, 0.9
 SCALE_RULES = ("mean", "trimmed_mean", "median", "krum")
-SECTIONS = ("matmul", "grads", "step", "byzfl", "scale")
+SECTIONS = ("matmul", "grads", "step", "byzfl", "privacy", "scale")
 
 
 def _median_seconds(call, repeats: int) -> float:
@@ -550,6 +554,58 @@ def bench_scale(ns, steps: int, repeats: int, fresh: bool) -> str:
          "update, sampling) make growth sub-linear.")])
 
 
+# ----------------------------------------------------------------------------- (f) privacy
+
+
+def bench_privacy(repeats: int, rate: float, grad_flops: float) -> str:
+    from rbyz import privacy
+
+    _, params, loss_fn, x, y = mlp_problem(N, BATCH)
+    capacity = privacy.PrivacyPlan(clip=1.0, batch_size=BATCH, dataset_sizes=(2400,) * N,
+                                   steps=1).capacity
+    _, _, _, x_cap, y_cap = mlp_problem(N, capacity, key=1)
+    clipped = jax.vmap(privacy.clipped_grad(loss_fn, clip=1.0, normalize_by=BATCH),
+                       in_axes=(None, 0, 0, 0))
+    calls = {
+        "per_worker_grads (unclipped)": (jax.jit(functools.partial(
+            grads_lib.per_worker_grads, loss_fn)), (params, x, y)),
+        f"per-example clipped, {BATCH} slots": (jax.jit(clipped), (
+            params, x, y, jnp.ones((N, BATCH), bool))),
+        f"per-example clipped, {capacity} slots (Poisson capacity)": (jax.jit(clipped), (
+            params, x_cap, y_cap, jnp.arange(capacity)[None, :] < BATCH)),
+    }
+    timed = time_together({k: functools.partial(f, *a) for k, (f, a) in calls.items()},
+                          repeats=repeats)
+    base = timed["per_worker_grads (unclipped)"][0]
+    floor = grad_flops / (rate * 1e9)
+    body = [[k, f"{t * 1e3:.2f}", f"{t / floor:.1f}", f"{t / base:.2f}"]
+            for k, (t, _) in timed.items()]
+    table = tabulate(body, headers=["gradients (MLP 784-100-10, n=25)", "ms", "x floor",
+                                    "x unclipped"], tablefmt="github")
+    accounting = privacy.accounting
+    events = {
+        "RDP, Poisson": ("rdp", 0),
+        "PLD, Poisson": ("pld", 0),
+        f"PLD, Poisson truncated at {capacity}": ("pld", capacity),
+    }
+    rows = []
+    for name, (accountant, cap) in events.items():
+        m = accounting.Mechanism("gaussian", 1.0, 10_000, "poisson", 2400, BATCH, cap)
+        times, eps = [], None
+        for _ in range(3):
+            started = time.perf_counter()
+            eps = accounting.epsilon(m, 1e-5, accountant)
+            times.append(time.perf_counter() - started)
+        rows.append([name, f"{eps:.3f}", f"{np.median(times) * 1e3:.0f}"])
+    acc_table = tabulate(rows, headers=["accountant, T = 10^4, q = 32/2400, z = 1", "epsilon",
+                                        "ms"], tablefmt="github")
+    return "\n".join([
+        ("Per-example clipping (rbyz.privacy.clipped_grad, vmap of grad over each worker's "
+         "examples inside the vmap over workers) beside the per-worker gradients of (b); "
+         f"floor {floor * 1e3:.2f} ms (the unclipped gradients' FLOPs)."), "", table, "",
+        acc_table])
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -608,6 +664,12 @@ def main(argv=None):
                          f"20): rbyz is {seconds / rbyz_step:.1f}x faster.")
         report += ["## (d) ByzFL's framework step", "", *lines, ""]
         print("\n".join(lines), flush=True)
+    if "privacy" in sections:
+        if grad_flops is None:
+            _, grad_flops = bench_grads(max(2, repeats // 4), rate)
+        text = bench_privacy(repeats, rate, grad_flops)
+        report += ["## (f) privacy: per-example clipping and the accountant", "", text, ""]
+        print(text, flush=True)
     if "scale" in sections:
         ns = args.scale_n or ([10, 50] if args.quick else [10, 25, 100, 400, 1000])
         # Few steps per scan: beyond n = 64 a step takes up to seconds (see the table's note).

@@ -51,6 +51,14 @@ CASES = {
                                     workers={"momentum": 0.0}),
     "median, full batch": dict(defence={"rule": "median"}, attack={"name": "sign_flip"},
                                data={"batch_size": 0, "train_size": 160}),
+    "median+dp(poisson), momentum": dict(
+        defence={"rule": "median"}, attack={"name": "alie"},
+        privacy={"enabled": True, "noise_multiplier": 1.0, "clip": 0.5}),
+    "noisy_median_sgd+dp(full, laplace)": dict(
+        defence={"rule": "noisy_median_sgd"}, attack={"name": "sign_flip"},
+        workers={"momentum": 0.0}, data={"batch_size": 0, "train_size": 160},
+        privacy={"enabled": True, "b": 0.01, "noise": "laplace", "norm": "l1",
+                 "microbatch": 4}),
 }
 GATHER_ONLY = {
     "detox": dict(defence={"rule": "detox", "hparams": {"r": 2}}, workers={"f": 1},
@@ -89,7 +97,9 @@ LAYOUT_CASES = [(case, layout) for case in ("cclip+alie", "krum+ipm(gradients)",
                                             "nnm+trimmed_mean+random rows")
                 for layout in parallel.LAYOUTS]
 LAYOUT_CASES += [("geometric_median+label_flip", "coordinates"),
-                 ("noisy_sign_sgd+gaussian", "gather"), ("median, full batch", "gather")]
+                 ("noisy_sign_sgd+gaussian", "gather"), ("median, full batch", "gather"),
+                 ("median+dp(poisson), momentum", "coordinates"),
+                 ("noisy_median_sgd+dp(full, laplace)", "gather")]
 
 
 @pytest.mark.parametrize("case, layout", LAYOUT_CASES)

@@ -1,5 +1,5 @@
-"""The ``rbyz`` command line (typer): ``run``, ``sweep``, ``list``, ``report``, ``demo``,
-``errors``.
+"""The ``rbyz`` command line (typer): ``run``, ``sweep``, ``list``, ``report``, ``privacy``,
+``demo``, ``errors``.
 
 Every command checks its whole configuration before it trains: a bad setting ends with exit
 status 2 and a message naming the field (``rbyz run cfg.toml --set workers.f=20`` with Krum:
@@ -13,6 +13,7 @@ Example::
     rbyz run experiment.toml --processes 2 --cpu-devices 2              # 2 processes x 2
     rbyz sweep grid.toml --out runs/grid       # re-run to resume; finished runs are skipped
     rbyz report runs/grid                      # tables and plots from finished runs
+    rbyz privacy experiment.toml --epsilon 8   # the run's ε, and the noise for ε = 8
     rbyz demo                                  # the main job
 """
 
@@ -183,6 +184,42 @@ def report_command(directory: Path = typer.Argument(..., help="A run or sweep di
         _fail(err)
     typer.echo(written["report"].read_text() if "report" in written else "")
     typer.echo("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+@app.command("privacy")
+def privacy_command(
+    config: Path = typer.Argument(..., help="The experiment's TOML file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    epsilon: float | None = typer.Option(
+        None, help="Also print the noise that gives every worker this ε (at privacy.delta)."),
+) -> None:
+    """The ε of a run without training: per worker size, its sampling rate, noise multiplier
+    and ε after train.steps steps (privacy.enabled is switched on if the file leaves it off)."""
+    from tabulate import tabulate
+
+    from rbyz.sim import config as config_lib
+    from rbyz.sim import private, train
+
+    try:
+        exp = config_lib.load(config, set_)
+        if not exp.privacy.enabled:
+            typer.echo("(privacy.enabled is off in the file; shown as if it were on)")
+            exp = config_lib.override(exp, ["privacy.enabled=true"])
+        t = train.task(exp)
+        rows = private.describe(exp, t.privacy.dataset_sizes, epsilon)
+    except ValueError as err:
+        _fail(err)
+    p = t.privacy
+    typer.echo(f"{exp.rule_label}: {p.sampling} sampling, {p.noise} noise at the "
+               f"{p.at}, clip C = {p.clip:g} ({p.norm}), {exp.train.steps} steps, "
+               f"{p.accountant.upper()} accountant, delta = {p.delta:g}, neighbouring relation "
+               f"{p.relation}" + (f", capacity {p.capacity}" if p.sampling == "poisson" else "")
+               + ".")
+    typer.echo(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g"))
+    typer.echo(f"epsilon of the run (the weakest worker's): {max(r['epsilon'] for r in rows):.4g}")
+    if epsilon:
+        typer.echo(f"for epsilon <= {epsilon:g}: b = {rows[0]['b_for_target']:.4g} "
+                   f"(privacy.b), e.g. --set privacy.epsilon={epsilon:g}")
 
 
 @app.command("demo")

@@ -1,7 +1,7 @@
 """Experiments as data: dataclasses read from TOML, checked field by field, overridable.
 
 An experiment is an :class:`Experiment` (sections ``data``, ``model``, ``workers``, ``attack``,
-``defence``, ``train``, ``diagnostics``, ``parallel``). It is read from a TOML file with
+``defence``, ``train``, ``diagnostics``, ``parallel``, ``privacy``). It is read from a TOML file with
 :func:`load` (parsed with ``tomllib``: data only, nothing evaluated), every key checked against
 the dataclass fields (an unknown key or a wrong type is a ``ValueError`` naming the field), and
 overridden from the command line with ``section.field=value`` strings (:func:`override`; the
@@ -194,6 +194,53 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy for the workers' noise (:mod:`rbyz.privacy`, :mod:`rbyz.sim.private`):
+    per-example clipping in every worker, noise each worker adds before its update leaves it,
+    and the ε this buys, logged per evaluation (the ``epsilon`` column).
+
+    The noise is set by at most one of ``b``, ``noise_multiplier`` and ``epsilon`` (none: no
+    noise, clipping only, ε = ∞). With noisy sign / median SGD the privacy noise is the
+    algorithm's noise (leave ``defence.hparams.b`` unset). The noise comes before the worker
+    momentum, so that the momentum is post-processing.
+
+    Attributes:
+      enabled: clip, noise and account.
+      clip: ``C``, each example's gradient norm bound.
+      b: the noise's std (Gaussian) or scale (Laplace) on each worker's clipped mean (Chen et
+        al.'s ``b``).
+      noise_multiplier: ``z``; ``b = z C / B`` (``B`` the batch size).
+      epsilon: a target ε for the whole run at ``delta``: the smallest noise reaching it for
+        every worker.
+      delta: the δ of the ε.
+      sampling: ``"auto"`` (``"full"`` for ``data.batch_size = 0``, else ``"poisson"``),
+        ``"poisson"``, ``"without_replacement"`` or ``"full"``.
+      max_batch: the capacity of a Poisson batch (``0``: :attr:`rbyz.privacy.PrivacyPlan.capacity`).
+      noise: ``"gaussian"`` or ``"laplace"`` (with ``norm = "l1"``).
+      norm: the clipping's norm, ``"l2"`` or ``"l1"``.
+      accountant: ``"pld"`` or ``"rdp"``.
+      at: ``"worker"`` (local DP) or ``"server"`` (a trusted server adds the noise to the mean;
+        only ``defence.rule = "mean"``).
+      microbatch: examples per chunk of per-example gradients (``0``: the whole batch at once;
+        e.g. ``256`` for a full batch of thousands).
+    """
+
+    enabled: bool = False
+    clip: float = 1.0
+    b: float = 0.0
+    noise_multiplier: float = 0.0
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    sampling: str = "auto"
+    max_batch: int = 0
+    noise: str = "gaussian"
+    norm: str = "l2"
+    accountant: str = "pld"
+    at: str = "worker"
+    microbatch: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """One training run: every setting, with the paper defaults where there is one."""
 
@@ -207,11 +254,22 @@ class Experiment:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
     @property
     def rule_label(self) -> str:
-        """The defence's name in results: ``label``, else ``pre`` and ``rule`` joined by ``+``."""
-        return self.defence.label or "+".join((*self.defence.pre, self.defence.rule))
+        """The defence's name in results: ``label``, else ``pre`` and ``rule`` joined by ``+``;
+        with ``privacy.enabled``, followed by how the noise was set (``median+dp(eps=4)``,
+        ``+dp(z=1.1)``, ``+dp(b=0.01)``, ``+dp(clip)`` without noise; ``+dp@server`` for
+        central noise), so that runs at different privacy levels are not averaged together."""
+        label = self.defence.label or "+".join((*self.defence.pre, self.defence.rule))
+        if not self.privacy.enabled:
+            return label
+        p = self.privacy
+        noise = next((f"{name}={value:g}" for name, value in
+                      (("eps", p.epsilon), ("z", p.noise_multiplier), ("b", p.b)) if value > 0),
+                     "clip")
+        return f"{label}+dp({noise})" + ("@server" if p.at == "server" else "")
 
     @property
     def attack_label(self) -> str:
@@ -465,6 +523,6 @@ def expand(document: Mapping) -> list[Experiment]:
 
 
 __all__ = ("AttackConfig", "DataConfig", "DefenceConfig", "DiagnosticsConfig", "Experiment",
-           "ModelConfig",
+           "ModelConfig", "ParallelConfig", "PrivacyConfig",
            "TrainConfig", "WorkersConfig", "expand", "from_dict", "load", "override", "read",
            "to_dict")

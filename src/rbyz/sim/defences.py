@@ -33,6 +33,8 @@ import optax
 
 from rbyz import aggregators, attacks, coding, preaggregators, transforms
 from rbyz._src.spec import REQUIRED
+from rbyz import privacy
+from rbyz.sim import private
 from rbyz.sim.config import Experiment
 from rbyz.sim.parallel import STACKED, Placement
 
@@ -171,15 +173,19 @@ def _algorithm_hparams(exp: Experiment) -> dict:
     return {**accepted, **given}
 
 
-def _worker_side(exp: Experiment, attack_fn, key, where: Placement, send: tuple = ()) -> list:
-    """Worker momentum, what every honest worker does to its message before sending it
-    (``send``: the per-worker noise of noisy sign / median SGD), and the attack, in the order
-    ``attack.on`` says: the attack replaces the messages (``"momentum"``, so the Byzantine rows
-    are exactly what the attack makes), or the gradients before the rest (``"gradients"``)."""
+def _worker_side(exp: Experiment, attack_fn, key, where: Placement, send: tuple = (),
+                 first: tuple = ()) -> list:
+    """What every honest worker does to its gradient first (``first``: the privacy noise, so
+    that the momentum is post-processing), worker momentum, what it does to its message before
+    sending it (``send``: the per-worker noise of noisy sign / median SGD), and the attack, in
+    the order ``attack.on`` says: the attack replaces the messages (``"momentum"``, so the
+    Byzantine rows are exactly what the attack makes), or the gradients before the rest
+    (``"gradients"``)."""
     n, f, beta = exp.workers.n, exp.workers.f, exp.workers.momentum
     mode = where.collective()
-    honest = [transforms.per_worker(optax.trace(beta), n=where.per_device(n), **mode)
-              ] if beta > 0 else []
+    honest = list(first)
+    honest += [transforms.per_worker(optax.trace(beta), n=where.per_device(n), **mode)
+               ] if beta > 0 else []
     honest += list(send)
     attack = ([transforms.byzantine(attack_fn, f=f, key=key, positions=exp.attack.positions,
                                     **mode)]
@@ -221,7 +227,8 @@ def _check_common(exp: Experiment) -> None:
                                f"e.g. z = [0.5, 1, 2]; got {list(z)}.")
 
 
-def defence(exp: Experiment, where: Placement = STACKED) -> Defence:
+def defence(exp: Experiment, where: Placement = STACKED,
+            plan: privacy.PrivacyPlan | None = None) -> Defence:
     """The server side of ``exp`` as an optax chain, every setting checked before any compute.
 
     Args:
@@ -229,27 +236,50 @@ def defence(exp: Experiment, where: Placement = STACKED) -> Defence:
       where: the devices the workers are spread over (:func:`rbyz.sim.parallel.placement`);
         on more than one, the chain is in collective mode, each device holding its own
         workers' rows, the single-device chain having been built and checked first.
+      plan: with ``privacy.enabled``, the run's :class:`rbyz.privacy.PrivacyPlan` (its noise);
+        without it the chain is built with noiseless privacy transforms, for the checks only.
 
     Raises:
       ValueError: an unknown rule, pre-aggregator or attack, a hyperparameter the rule does not
         declare, ``f`` too large for the rule, or a combination that cannot run (naming the
         field and how to fix it).
     """
-    stacked = _build(exp, STACKED)
-    return collective(exp, stacked, where) if where.sharded else stacked
+    stacked = _build(exp, STACKED, plan)
+    return collective(exp, stacked, where, plan) if where.sharded else stacked
 
 
-def collective(exp: Experiment, stacked: Defence, where: Placement) -> Defence:
+def collective(exp: Experiment, stacked: Defence, where: Placement,
+               plan: privacy.PrivacyPlan | None = None) -> Defence:
     """``stacked`` (``defence(exp)``, every setting checked) with its chain rebuilt in
     collective mode for ``where``, from the same keys."""
     try:
-        return stacked._replace(tx=_build(exp, where).tx, stages=None)
+        return stacked._replace(tx=_build(exp, where, plan).tx, stages=None)
     except ValueError as err:  # every other setting passed on one device
         _fail("parallel", f"{exp.rule_label} cannot run this way over {where.devices} "
                           f"devices: {err}")
 
 
-def _build(exp: Experiment, where: Placement) -> Defence:
+def _privacy_noise(exp: Experiment, where: Placement, plan: privacy.PrivacyPlan | None):
+    """The privacy noise every worker adds first (a tuple of 0 or 1 transforms), and the
+    server's optimizer wrapper for central noise (``at = "server"``)."""
+    cfg = exp.privacy
+    if not cfg.enabled:
+        return (), lambda optimizer: optimizer
+    private.check(exp)
+    stddev = plan.stddev if plan is not None else 0.0
+    # Its own stream (fold_in keeps the other streams, and every run without privacy, as they
+    # were).
+    seed = int_seed(jax.random.fold_in(streams(exp)["defence"], 1_000))
+    if cfg.at == "server":
+        noise = privacy.central_noise(exp.defence.rule, stddev=stddev, key=seed)
+        return (), lambda optimizer: optax.chain(noise, optimizer)
+    return ((transforms.add_worker_noise(stddev, key=seed if stddev > 0 else None,
+                                         distribution=cfg.noise, **where.collective()),),
+            lambda optimizer: optimizer)
+
+
+def _build(exp: Experiment, where: Placement, plan: privacy.PrivacyPlan | None = None
+           ) -> Defence:
     _check_common(exp)
     n, f = exp.workers.n, exp.workers.f
     rule = exp.defence.rule
@@ -257,7 +287,8 @@ def _build(exp: Experiment, where: Placement) -> Defence:
     flip = exp.attack.name in DATA_ATTACKS
     keys = jax.random.split(streams(exp)["defence"], 2)
     attack_key, rule_key = keys[0], keys[1]
-    optimizer = server_optimizer(exp)
+    private_noise, with_server_noise = _privacy_noise(exp, where, plan)
+    optimizer = with_server_noise(server_optimizer(exp))
 
     if rule in aggregators.names():
         unknown = [p for p in exp.defence.pre if p not in preaggregators.names()]
@@ -276,7 +307,8 @@ def _build(exp: Experiment, where: Placement) -> Defence:
         _check_hparams(aggregators.spec(rule), exp.defence.hparams, "defence.hparams")
         stages = transforms.robust_stages(
             rule, optimizer=optimizer, f=f, pre=pre, attack=attack_fn, attack_on=exp.attack.on,
-            momentum=exp.workers.momentum, n=where.per_device(n), key=int_seed(attack_key),
+            momentum=exp.workers.momentum, worker_noise=private_noise[0] if private_noise else None,
+            n=where.per_device(n), key=int_seed(attack_key),
             positions=exp.attack.positions, **where.aggregation(), **exp.defence.hparams)
         return Defence(optax.chain(*stages.transforms), "workers", n, 1, flip, stages)
 
@@ -297,7 +329,7 @@ def _build(exp: Experiment, where: Placement) -> Defence:
         return _election(exp, hp, optimizer, seed, attack_fn, where)
 
     if rule == "signsgd_majority":
-        front = _worker_side(exp, attack_fn, int_seed(attack_key), where)
+        front = _worker_side(exp, attack_fn, int_seed(attack_key), where, first=private_noise)
         return Defence(optax.chain(*front, transforms.majority_vote(**where.aggregation()),
                                    optimizer), "workers", n, 1, flip)
     if rule in ("noisy_sign_sgd", "noisy_median_sgd"):
@@ -307,8 +339,9 @@ def _build(exp: Experiment, where: Placement) -> Defence:
                   else transforms.aggregate("median", **where.aggregation()))
         # The honest workers perturb what they send; the Byzantine ones send the attack as is.
         noise = ((transforms.add_worker_noise(hp["b"], key=seed, **where.collective()),)
-                 if hp["b"] > 0 else ())
-        front = _worker_side(exp, attack_fn, int_seed(attack_key), where, send=noise)
+                 if hp["b"] > 0 and not exp.privacy.enabled else ())
+        front = _worker_side(exp, attack_fn, int_seed(attack_key), where, send=noise,
+                             first=private_noise)
         return Defence(optax.chain(*front, server, optimizer), "workers", n, 1, flip)
     front = _worker_side(exp, attack_fn, int_seed(attack_key), where)
 

@@ -366,7 +366,7 @@ def _varying(settings: Sequence[tuple]) -> list[str]:
 
 
 def _higher_is_better(value: str) -> bool:
-    return "loss" not in value
+    return "loss" not in value and value != "epsilon"
 
 
 def _scale(value: str) -> float:
@@ -575,6 +575,12 @@ def _markdown(rows: list[dict], directory: Path, diagnostics: bool = False) -> s
         text += (" *worst case*: each defence's lowest accuracy over the attacks and the attack "
                  "that caused it (ByzFL's worst-case attack selection).")
     lines += [text, "", accuracy_table(rows), ""]
+    if any(r.get("epsilon") is not None for r in final):
+        lines += [f"Privacy: ε at each run's last evaluation (δ as configured; the worker "
+                  f"with the weakest guarantee; `inf`: no noise or no privacy section; "
+                  f"*worst case*: the largest).", "",
+                  accuracy_table([{**r, "epsilon": r.get("epsilon", math.inf)} for r in rows],
+                                 value="epsilon"), ""]
     late = unfinished(rows)
     if late:
         lines.append("Not finished yet (their last step is below the others'): "

@@ -36,7 +36,10 @@ from rbyz.sim import train as train_lib
 
 def run_id(exp: config_lib.Experiment) -> str:
     """``rule__attack__f5__iid__s0__<8 hex digits of the config's hash>``."""
-    digest = hashlib.sha256(json.dumps(config_lib.to_dict(exp), sort_keys=True).encode())
+    document = config_lib.to_dict(exp)
+    if not exp.privacy.enabled:  # the ids of runs without privacy stay those before it existed
+        del document["privacy"]
+    digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode())
     het = partition_lib.heterogeneity_label(
         exp.data.partition, alpha=exp.data.alpha,
         classes_per_worker=exp.data.classes_per_worker, gamma=exp.data.gamma)

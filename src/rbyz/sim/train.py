@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from rbyz import attacks, distributed
+from rbyz import attacks, distributed, privacy
 from rbyz.sim import data as data_lib
 from rbyz.sim import defences as defences_lib
 from rbyz.sim import diagnostics as diagnostics_lib
@@ -44,6 +44,7 @@ from rbyz.sim import grads as grads_lib
 from rbyz.sim import models as models_lib
 from rbyz.sim import parallel
 from rbyz.sim import partition as partition_lib
+from rbyz.sim import private
 from rbyz.sim.config import Experiment
 from rbyz.sim.defences import ALGORITHMS, DATA_ATTACKS, Defence, defence, server_optimizer
 
@@ -63,6 +64,7 @@ class Task(NamedTuple):
     sizes: jax.Array         # [units]
     defence: Defence
     where: parallel.Placement = parallel.STACKED
+    privacy: privacy.PrivacyPlan | None = None  # with privacy.enabled
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,7 +82,7 @@ def dataset_of(exp: Experiment) -> data_lib.Dataset:
 def task(exp: Experiment, *, model: models_lib.Model | None = None,
          dataset: data_lib.Dataset | None = None) -> Task:
     """Builds the defence (checking every setting first) where the workers run, then the data
-    split and the model."""
+    split, the privacy plan (``privacy.enabled``: its noise sets the defence's) and the model."""
     built = defence(exp)
     where = parallel.placement(exp, built.units)
     if where.sharded:
@@ -104,6 +106,12 @@ def task(exp: Experiment, *, model: models_lib.Model | None = None,
             gamma=exp.data.gamma)
     except ValueError as err:
         _fail("data.partition", str(err))
+    plan = None
+    if exp.privacy.enabled:
+        plan = private.plan(exp, part.sizes)
+        built = defence(exp, plan=plan)
+        if where.sharded:
+            built = defences_lib.collective(exp, built, where, plan)
     if model is None:
         if exp.model.name not in models_lib.NAMES:
             _fail("model.name", f"unknown model {exp.model.name!r}; use one of "
@@ -112,7 +120,8 @@ def task(exp: Experiment, *, model: models_lib.Model | None = None,
         extra = {"hidden": exp.model.hidden} if exp.model.name == "mlp" else {}
         model = models_lib.build(exp.model.name, dataset.x_train.shape[1:], dataset.num_classes,
                                  **extra)
-    return Task(dataset, model, jnp.asarray(part.indices), jnp.asarray(part.sizes), built, where)
+    return Task(dataset, model, jnp.asarray(part.indices), jnp.asarray(part.sizes), built, where,
+                plan)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,10 +214,22 @@ def make_step(exp: Experiment, t: Task) -> Callable:
             return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)
         return models_lib.cross_entropy(apply(params, x), y)
 
+    plan = t.privacy
+    if plan is not None:  # per-example clipping, over the plan's batches (module docstring)
+        def example_loss(params, x, y):
+            return models_lib.cross_entropy(apply(params, x), y)
+        clipped = jax.vmap(plan.grad_fn(example_loss, microbatch=exp.privacy.microbatch),
+                           in_axes=(None, 0, 0, 0, 0))
+
     def step(data: Arrays, state: TrainState):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         k_batch, k_positions = jax.random.split(key)
-        if batch == 0:  # every unit's whole shard, padded to max_size (a group shares its own)
+        if plan is not None:
+            idx, mask = plan.sample(k_batch, data.indices, data.sizes)
+            divisors = (data.sizes.astype(jnp.float32) if plan.sampling == "full"
+                        else jnp.full(data.sizes.shape, float(plan.batch_size)))
+            mask, divisors = where.own(mask), where.own(divisors)
+        elif batch == 0:  # every unit's whole shard, padded to max_size (a group shares its own)
             idx = jnp.repeat(data.indices, d.group_size, axis=0)
             sizes = jnp.repeat(data.sizes, d.group_size)
             valid = jnp.arange(idx.shape[1])[None, :] < sizes[:, None]
@@ -226,9 +247,12 @@ def make_step(exp: Experiment, t: Task) -> Callable:
             y = partition_lib.flip_labels(y, ~honest, num_classes)
         else:
             honest = where.own(honest)
-        if batch == 0:
-            y = jnp.where(where.own(valid), y, -1)
-        losses, grads = grads_lib.per_worker_grads(loss_fn, where.local(state.params), x, y)
+        if plan is not None:
+            losses, grads = clipped(where.local(state.params), x, y, mask, divisors)
+        else:
+            if batch == 0:
+                y = jnp.where(where.own(valid), y, -1)
+            losses, grads = grads_lib.per_worker_grads(loss_fn, where.local(state.params), x, y)
         metrics = {}
         if inspect and d.stages is not None:
             updates, opt_state, metrics["byzantine_share"] = diagnostics_lib.inspected_update(
@@ -325,6 +349,9 @@ def train(exp: Experiment, *, model: models_lib.Model | None = None,
           run: str = "", progress: bool | Callable = False) -> History:
     """Trains ``exp`` and returns its final state and evaluation rows.
 
+    With ``privacy.enabled`` every row also holds ``epsilon``: the ε at ``privacy.delta`` after
+    that row's steps, of the worker with the weakest guarantee (:mod:`rbyz.sim.private`).
+
     With ``run_dir``, the run checkpoints after every ``train.checkpoint_every`` evaluations and
     rewrites ``results.csv`` (atomically) after each, and a run found half-done there resumes
     from its last checkpoint, to the same numbers as an uninterrupted run
@@ -382,6 +409,8 @@ def train(exp: Experiment, *, model: models_lib.Model | None = None,
         rows.append(row(exp, point, float(accuracy), float(test_loss),
                         float(jnp.mean(metrics["train_loss"])), time.perf_counter() - started,
                         run, t.dataset.name))
+        if t.privacy is not None:  # the guarantee after `point` releases (the worst worker's)
+            rows[-1]["epsilon"] = t.privacy.epsilon(point)
         if exp.diagnostics.enabled:
             diagnostic_rows += _diagnostic_rows(exp, previous, metrics, run, t)
         if store is not None:

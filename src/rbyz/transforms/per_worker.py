@@ -111,21 +111,29 @@ class WorkerNoiseState(NamedTuple):
     key: jax.Array | None
 
 
-def add_worker_noise(
-    b: float, *, key=None, axis_name: str | None = None, tiled: bool = False
-) -> optax.GradientTransformationExtraArgs:
-    """Adds independent Gaussian noise to every worker's update: ``u_i + b * xi_i``.
+NOISE_DISTRIBUTIONS = ("gaussian", "laplace")
 
-    ``xi_i ~ N(0, I)`` fresh per worker and per step, drawn from ``fold_in(key_t, i)`` with ``i``
-    the global worker index, so that stacked and collective modes draw the same numbers. This is
-    the perturbation of Chen et al.'s noisy signSGD (Alg. 3) and noisy medianSGD (Alg. 4): noise
-    *before* the sign or the median (noise added after aggregation does not close the median-mean
-    gap). Any ``n``; ``b >= 0``.
+
+def add_worker_noise(
+    b: float, *, key=None, distribution: str = "gaussian", axis_name: str | None = None,
+    tiled: bool = False
+) -> optax.GradientTransformationExtraArgs:
+    """Adds independent noise to every worker's update: ``u_i + b * xi_i``.
+
+    ``xi_i`` fresh per worker and per step, drawn from ``fold_in(key_t, i)`` with ``i`` the
+    global worker index, so that stacked and collective modes draw the same numbers: standard
+    normal coordinates (``distribution="gaussian"``, std ``b``) or standard Laplace ones
+    (``"laplace"``, density ``exp(-|x|) / 2``: scale ``b``, std ``sqrt(2) b``), for the paper's
+    "any symmetric unimodal" noise. This is the perturbation of Chen et al.'s noisy signSGD
+    (Alg. 3) and noisy medianSGD (Alg. 4): noise *before* the sign or the median (noise added
+    after aggregation does not close the median-mean gap), and the worker-level noise of
+    :mod:`rbyz.privacy`. Any ``n``; ``b >= 0``.
 
     Args:
-      b: noise standard deviation (static, ``>= 0``).
+      b: the noise's standard deviation (Gaussian) or scale (Laplace) (static, ``>= 0``).
       key: int seed or jax key (required for ``b > 0``: experiments must not share a default
         seed).
+      distribution: ``"gaussian"`` or ``"laplace"``.
       axis_name: ``None`` for stacked updates, else the named worker axis (one worker per shard,
         or ``tiled=True`` for a stack of the shard's own workers).
       tiled: collective mode only.
@@ -145,6 +153,10 @@ def add_worker_noise(
     """
     if not (isinstance(b, (int, float)) and b >= 0 and np.isfinite(b)):
         raise ValueError(f"add_worker_noise: b must be a finite float >= 0; got b={b!r}.")
+    if distribution not in NOISE_DISTRIBUTIONS:
+        raise ValueError(f"add_worker_noise: distribution must be one of "
+                         f"{', '.join(NOISE_DISTRIBUTIONS)}; got {distribution!r}.")
+    draw = jax.random.normal if distribution == "gaussian" else jax.random.laplace
     # b = 0 draws nothing (signSGD-MV, medianSGD): no key is needed then.
     key_data = _modes.key_data(key, "add_worker_noise") if b > 0 or key is not None else None
     shapes = _modes.ParamShapes()
@@ -153,7 +165,7 @@ def add_worker_noise(
         leaves, treedef = jax.tree.flatten(row)
         keys = jax.random.split(jax.random.fold_in(step_key, worker), len(leaves))
         acc = [tree_util.accumulation_dtype(x.dtype) for x in leaves]
-        out = [(x.astype(a) + b * jax.random.normal(k, x.shape, a)).astype(x.dtype)
+        out = [(x.astype(a) + b * draw(k, x.shape, a)).astype(x.dtype)
                for x, k, a in zip(leaves, keys, acc)]
         return jax.tree.unflatten(treedef, out)
 

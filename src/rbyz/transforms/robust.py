@@ -70,6 +70,7 @@ def robust(
     attack: Callable | str | None = None,
     attack_on: str = "momentum",
     momentum: float = 0.0,
+    worker_noise: optax.GradientTransformation | None = None,
     n: int | None = None,
     key=None,
     positions: str | Sequence[int] = "last",
@@ -83,6 +84,10 @@ def robust(
 
     Per step, with ``g_i`` the workers' gradients (stacked ``[n, ...]``, or per shard):
 
+    0. ``worker_noise``, when given: what every worker adds to its gradient before anything
+       else, so that the momentum and everything after it are post-processing of a noised
+       release (the privacy noise of :mod:`rbyz.privacy`, e.g.
+       :func:`rbyz.privacy.worker_noise`);
     1. worker momentum ``m_i <- beta m_i + g_i`` (``momentum = beta``; no dampening, as
        Karimireddy et al. 2021), when ``beta > 0``;
     2. the attack replaces the Byzantine rows (``attack_on="momentum"``: of the momenta, what
@@ -110,6 +115,9 @@ def robust(
       attack: an attack (name, declared function or partial), or ``None`` for no attack.
       attack_on: ``"momentum"`` (default) or ``"gradients"``.
       momentum: worker momentum ``beta`` in ``[0, 1)``.
+      worker_noise: a stacked transform applied to the workers' gradients first (after the
+        attack on the gradients, which replaces what a worker computes), e.g.
+        :func:`rbyz.transforms.add_worker_noise`.
       n: number of workers (stacked mode; per shard with ``tiled``): needed for momentum, and
         lets every constraint be checked here.
       key: int seed or jax key; required when the attack, its positions, a stage or the rule is
@@ -139,7 +147,8 @@ def robust(
       ICML 2021 (worker momentum against attacks on the momenta).
     """
     stages = robust_stages(rule, optimizer=optimizer, f=f, pre=pre, attack=attack,
-                           attack_on=attack_on, momentum=momentum, n=n, key=key,
+                           attack_on=attack_on, momentum=momentum, worker_noise=worker_noise,
+                           n=n, key=key,
                            positions=positions, omniscient=omniscient, axis_name=axis_name,
                            tiled=tiled, layout=layout, **hparams)
     return optax.chain(*stages.transforms)
@@ -154,6 +163,7 @@ def robust_stages(
     attack: Callable | str | None = None,
     attack_on: str = "momentum",
     momentum: float = 0.0,
+    worker_noise: optax.GradientTransformation | None = None,
     n: int | None = None,
     key=None,
     positions: str | Sequence[int] = "last",
@@ -208,9 +218,9 @@ def robust_stages(
     attack_tx = None
     if attack_kwargs is not None:
         attack_tx = byzantine(**attack_kwargs, axis_name=axis_name, tiled=tiled)
-    first, second = (momentum_tx, attack_tx) if attack_on == "momentum" else \
-        (attack_tx, momentum_tx)
-    parts += [tx for tx in (first, second) if tx is not None]
+    order = ((worker_noise, momentum_tx, attack_tx) if attack_on == "momentum" else
+             (attack_tx, worker_noise, momentum_tx))
+    parts += [tx for tx in order if tx is not None]
     attack_at = parts.index(attack_tx) if attack_tx is not None else None
     parts.append(aggregate(combined, axis_name=axis_name, tiled=tiled, layout=layout,
                            key=rule_key))
