@@ -25,7 +25,7 @@ def experiment(**sections) -> config.Experiment:
             "model": {"name": "logistic"},
             "workers": {"n": 6, "f": 1},
             "defence": {"rule": "median"},
-            "train": {"steps": 40, "eval_every": 20, "lr": 0.5},
+            "train": {"steps": 20, "eval_every": 10, "lr": 0.5},
             "privacy": {"enabled": True, "clip": 1.0}}
     for name, fields in sections.items():
         base[name] = {**base.get(name, {}), **fields}
@@ -41,8 +41,8 @@ def test_a_private_run_logs_the_epsilon_of_its_plan_after_each_evaluation():
     history = run(exp)
     t = train.task(exp, dataset=task_data())
     eps = [r["epsilon"] for r in history.rows]
-    assert eps == [t.privacy.epsilon(20), t.privacy.epsilon(40)] and eps[0] < eps[1]
-    direct = max(privacy.accounting.epsilon(t.privacy.mechanism(i, 40), 1e-5)
+    assert eps == [t.privacy.epsilon(10), t.privacy.epsilon(20)] and eps[0] < eps[1]
+    direct = max(privacy.accounting.epsilon(t.privacy.mechanism(i, 20), 1e-5)
                  for i in range(6))
     assert eps[1] == pytest.approx(direct)
     assert history.rows[-1]["test_accuracy"] > 0.6  # still learns with noise and an attack
@@ -50,8 +50,12 @@ def test_a_private_run_logs_the_epsilon_of_its_plan_after_each_evaluation():
 
 
 def test_a_target_epsilon_is_met_by_the_worst_worker_and_no_noise_is_infinite():
-    history = run(experiment(privacy={"epsilon": 2.0}, data={"partition": "dirichlet"}))
+    exp = experiment(privacy={"epsilon": 2.0}, data={"train_size": 200})
+    t = train.task(exp, dataset=task_data())
+    assert len(set(t.privacy.dataset_sizes)) == 2  # 200 / 6: shards of 33 and 34 records
+    history = run(exp)
     assert 1.9 < history.rows[-1]["epsilon"] <= 2.0 + 1e-6
+    assert history.rows[-1]["epsilon"] == pytest.approx(t.privacy.epsilons().max())
     clipped_only = run(experiment())
     assert clipped_only.rows[-1]["epsilon"] == math.inf
 
@@ -127,10 +131,10 @@ def test_a_batch_larger_than_a_workers_data_names_the_worker():
 
 def test_privacy_levels_are_told_apart_in_results_and_in_the_report(tmp_path):
     rows = []
-    for eps in (1.0, 8.0):
-        exp = experiment(privacy={"epsilon": eps}, train={"steps": 20, "eval_every": 20})
-        rows += train.train(exp, dataset=task_data(), run_dir=tmp_path / f"e{eps:g}").rows
-    assert {r["rule"] for r in rows} == {"median+dp(eps=1)", "median+dp(eps=8)"}
+    for name, noise in (("e8", {"epsilon": 8.0}), ("b", {"b": 0.5})):
+        exp = experiment(privacy=noise, train={"steps": 10, "eval_every": 10})
+        rows += train.train(exp, dataset=task_data(), run_dir=tmp_path / name).rows
+    assert {r["rule"] for r in rows} == {"median+dp(eps=8)", "median+dp(b=0.5)"}
     written = report.report(tmp_path)
     text = written["report"].read_text()
     assert "Privacy: ε" in text and "median+dp(eps=8)" in text

@@ -16,7 +16,7 @@ Every example's gradient is taken separately (``jax.vmap`` of ``jax.grad`` over 
 example at a time through the model, so a batch statistic such as batch norm cannot leak across
 examples); a gradient with a NaN or an infinity is dropped (counts as zero), so that the bound
 holds for every input. With ``microbatch`` the batch is cut into chunks summed in a
-``lax.scan`` (a full-batch step over thousands of examples keeps one chunk of per-example
+``lax.map`` (a full-batch step over thousands of examples keeps one chunk of per-example
 gradients in memory at a time).
 
 Example:
@@ -134,15 +134,12 @@ class ClippedGrad:
                     [a, jnp.full((pad, *a.shape[1:]), fill, a.dtype)]).reshape(
                         chunks, size, *a.shape[1:]), t)
 
-            zero = jax.tree.map(jnp.zeros_like, params)
-
-            def body(carry, batch):
-                loss_sum, grad_sum = carry
-                value, grad = chunk_sum(*batch)
-                return (loss_sum + value, jax.tree.map(jnp.add, grad_sum, grad)), None
-
-            (total_loss, total), _ = jax.lax.scan(
-                body, (jnp.zeros((), jnp.float32), zero), (split(x), split(y), split(mask, False)))
+            # lax.map, not a scan with a carry: the chunk sums stay [chunks, ...] (small beside
+            # one chunk of per-example gradients), and under shard_map no carry has to match
+            # the varying axes of the batch.
+            values, grads = jax.lax.map(lambda batch: chunk_sum(*batch),
+                                        (split(x), split(y), split(mask, False)))
+            total_loss, total = jnp.sum(values), jax.tree.map(lambda g: jnp.sum(g, 0), grads)
         real = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
         grad = jax.tree.map(lambda g, p: (g / divisor).astype(p.dtype), total, params)
         return total_loss / real, grad
