@@ -572,7 +572,8 @@ def bench_privacy(repeats: int, rate: float, grad_flops: float) -> str:
         f"per-example clipped, {BATCH} slots": (jax.jit(clipped), (
             params, x, y, jnp.ones((N, BATCH), bool))),
         f"per-example clipped, {capacity} slots (Poisson capacity)": (jax.jit(clipped), (
-            params, x_cap, y_cap, jnp.arange(capacity)[None, :] < BATCH)),
+            params, x_cap, y_cap,
+            jnp.broadcast_to(jnp.arange(capacity) < BATCH, (N, capacity)))),
     }
     timed = time_together({k: functools.partial(f, *a) for k, (f, a) in calls.items()},
                           repeats=repeats)
