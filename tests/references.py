@@ -12,6 +12,9 @@ import math
 
 import jax
 import numpy as np
+from references_clustering import REFERENCES_CLUSTERING
+
+import references_spectral
 
 # ------------------------------------------------------------------------------------------------
 # Aggregators: one worker per row of a [n, D] matrix (the ravelled pytree).
@@ -40,27 +43,35 @@ def ref_trimmed_mean(x, f):
     return sorted_columns(x)[f:len(x) - f].mean(axis=0)
 
 
-def ref_mean_around_median(x, keep):
-    """Per coordinate, the mean of the ``keep`` values nearest the median.
-
-    The ``keep`` nearest values form a run of the sorted column; among equally tight runs (ties
-    in distance) the lowest one is taken, the convention the library documents.
-    """
+def ref_mean_around(x, keep, center):
+    """Per coordinate, the mean of the ``keep`` values nearest ``center[k]``; equal distances
+    go to the lower values (stable argsort of the sorted column)."""
     s = sorted_columns(x)
-    n = len(x)
-    center = (s[(n - 1) // 2] + s[n // 2]) / 2
     out = np.empty(x.shape[1])
     for k in range(x.shape[1]):
-        spreads = [
-            max(center[k] - s[a, k], s[a + keep - 1, k] - center[k]) for a in range(n - keep + 1)
-        ]
-        best = int(np.argmin(spreads))
-        out[k] = s[best:best + keep, k].mean()
+        with np.errstate(invalid="ignore"):
+            dist = np.abs(s[:, k] - center[k])
+        nearest = np.argsort(np.where(np.isnan(dist), np.inf, dist), kind="stable")[:keep]
+        out[k] = s[nearest, k].mean()
     return out
+
+
+def ref_mean_around_median(x, keep):
+    """Per coordinate, the mean of the ``keep`` values nearest the median."""
+    s = sorted_columns(x)
+    n = len(x)
+    return ref_mean_around(x, keep, (s[(n - 1) // 2] + s[n // 2]) / 2)
 
 
 def ref_meamed(x, f):
     return ref_mean_around_median(x, len(x) - f)
+
+
+def ref_phocas(x, f):
+    """Per coordinate, the mean of the n - f values nearest the trimmed mean (trim f per side)."""
+    s = sorted_columns(x)
+    n = len(x)
+    return ref_mean_around(x, n - f, s[f:n - f].mean(axis=0))
 
 
 def split_sum(values):
@@ -203,16 +214,24 @@ def float64():
 
 REFERENCES = {
     "bulyan": lambda x, f, state: ref_bulyan(x, f),
+    "caf": lambda x, f, state: references_spectral.ref_caf(x, f),
     "centered_clipping": lambda x, f, state: ref_centered_clipping(x, state),
+    "clipped_clustering": REFERENCES_CLUSTERING["clipped_clustering"],
+    "cge": lambda x, f, state: references_spectral.ref_cge(x, f),
     "dnc": lambda x, f, state: ref_dnc(x, f),
+    "flame": REFERENCES_CLUSTERING["flame"],
     "geometric_median": lambda x, f, state: ref_geometric_median(x),
     "krum": lambda x, f, state: ref_krum(x, f),
     "mda": lambda x, f, state: ref_mda(x, f),
     "meamed": lambda x, f, state: ref_meamed(x, f),
     "mean": lambda x, f, state: ref_mean(x),
     "median": lambda x, f, state: ref_median(x),
+    "monna": lambda x, f, state: references_spectral.ref_monna(x, f),
     "multi_krum": lambda x, f, state: ref_multi_krum(x, f),
+    "phocas": lambda x, f, state: ref_phocas(x, f),
     "sign_majority": lambda x, f, state: ref_sign_majority(x),
+    "signguard": REFERENCES_CLUSTERING["signguard"],
+    "smea": lambda x, f, state: references_spectral.ref_smea(x, f),
     "trimmed_mean": lambda x, f, state: ref_trimmed_mean(x, f),
 }
 

@@ -252,8 +252,9 @@ def test_sign_majority_nan_abstains():
 
 def test_registry_round_trip():
     expected = {
-        "bulyan", "centered_clipping", "dnc", "geometric_median", "krum", "mda", "meamed",
-        "mean", "median", "multi_krum", "sign_majority", "trimmed_mean",
+        "bulyan", "caf", "centered_clipping", "cge", "clipped_clustering", "dnc", "flame",
+        "geometric_median", "krum", "mda", "meamed", "mean", "median", "monna", "multi_krum",
+        "phocas", "sign_majority", "signguard", "smea", "trimmed_mean",
     }
     assert set(agg.names()) == expected
     assert list(agg.names()) == sorted(expected)
@@ -394,8 +395,8 @@ def test_centered_clipping_state_is_the_previous_aggregate():
         center = by_hand
 
 
-def test_only_dnc_needs_a_key_and_only_centered_clipping_keeps_state():
-    assert [s.name for s in agg.specs() if s.key] == ["dnc"]
+def test_randomised_rules_need_a_key_and_only_centered_clipping_keeps_state():
+    assert [s.name for s in agg.specs() if s.key] == ["dnc", "flame", "signguard"]
     assert [s.name for s in agg.specs() if s.state] == ["centered_clipping"]
     assert agg.spec("centered_clipping").state.arg == "center"
 

@@ -84,8 +84,10 @@ def test_declaration(name):
 
 
 def test_takes_n_and_keys_are_declared():
-    assert [name for name in NAMES if attacks.spec(name).takes_n] == ["alie"]
-    assert set(RANDOM) == {"bit_flip", "gaussian", "sign_random"}
+    assert [name for name in NAMES if attacks.spec(name).takes_n] == ["alie", "byzmean",
+                                                                     "fang_krum"]
+    assert set(RANDOM) == {"bit_flip", "fang_trimmed_mean", "fang_trimmed_mean_partial",
+                           "gaussian", "sign_random"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -148,6 +148,46 @@ def test_coordinate_layout_equals_stacked(rule):
                          a, b)
 
 
+WEIGHTED_RULES = {"median": {"f": 2}, "multi_krum": {"f": 2},
+                  "centered_clipping": {"f": 2, "tau": 0.5}, "trimmed_mean": {"f": 2}}
+
+
+@pytest.mark.parametrize("layout", ["gather", "coordinates"])
+@pytest.mark.parametrize("rule", sorted(WEIGHTED_RULES))
+def test_weights_collective_equal_stacked(rule, layout):
+    """Each shard passes its own weight; they are gathered like the updates."""
+    weights = jnp.asarray([1.0, 4.0, 0.5, 2.0, 3.0, 1.0, 0.0, 2.5])
+    make = functools.partial(transforms.aggregate, rule, **WEIGHTED_RULES[rule])
+    stacked_tx = make()
+    stacked = _two_steps(
+        stacked_tx, jax.jit(lambda p, s, u: stacked_tx.update(u, s, p, weights=weights)),
+        _hostile_updates())
+    unweighted = _two_steps(stacked_tx, jax.jit(lambda p, s, u: stacked_tx.update(u, s, p)),
+                            _hostile_updates())
+    assert not np.allclose(stacked[0]["w"], unweighted[0]["w"])  # the weights matter here
+    tx = make(axis_name=AXIS, layout=layout)
+
+    def worker(params, state, update_and_weight):
+        update, weight = _squeeze_shard(update_and_weight)
+        return tx.update(update, state, params, weights=weight)
+
+    for mode in MODES:
+        got = _two_steps(tx, _collective(worker, mode), (_hostile_updates(), weights))
+        for a, b in zip(stacked, got):
+            jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6),
+                         a, b)
+
+
+def test_weights_refused_by_a_rule_without_them_and_shaped_per_shard():
+    tx = transforms.aggregate("meamed", f=2)
+    with pytest.raises(ValueError, match="aggregate: meamed takes no per-worker weights"):
+        tx.update(_updates(), tx.init(_params()), _params(), weights=jnp.ones(N))
+    tx = transforms.aggregate("median", f=2, axis_name=AXIS)
+    with pytest.raises(ValueError, match="each shard passes its own weight, a scalar"):
+        jax.vmap(lambda u: tx.update(u, tx.init(_params()), _params(), weights=jnp.ones(N)),
+                 axis_name=AXIS)(_updates())
+
+
 def test_coordinate_layout_with_tiled_shards_and_a_large_leaf():
     mesh = _mesh(4)  # 2 workers per shard
     updates = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(N, 1001)), jnp.float32),

@@ -107,31 +107,50 @@ def mean_of_ranks(x: jax.Array, start: int, stop: int) -> jax.Array:
 def mean_around_median(x: jax.Array, k: int) -> jax.Array:
     """Coordinate-wise mean of the ``k`` values closest to the coordinate's median.
 
-    The ``k`` values nearest a point form a run of consecutive order statistics, so the rule
-    compares the runs ``s[a], ..., s[a + k - 1]`` around the median by their largest distance
-    to it and averages the best (the leftmost on ties). Used by MeaMed and by Bulyan's second
-    stage.
+    Used by MeaMed and by Bulyan's second stage; :func:`mean_around` with the median as centre.
 
     Args:
       x: ``[n, ...]``.
       k: how many values to keep, ``1 <= k <= n``.
     """
+    return mean_around(x, k)
+
+
+def mean_around(x: jax.Array, k: int, trim: int | None = None) -> jax.Array:
+    """Coordinate-wise mean of the ``k`` values closest to a centre of the coordinate.
+
+    The centre ``c`` is the median (``trim=None``, MeaMed, Bulyan) or the trimmed mean without
+    the ``trim`` smallest and ``trim`` largest values (Phocas). The ``k`` values nearest ``c``
+    form a run ``s[a], ..., s[a + k - 1]`` of the sorted values, and sliding the run one rank
+    up is better exactly while the value it drops is farther than the value it takes,
+    ``c - s[r] > s[r + k] - c``; that test is true for a prefix of the ranks ``r`` (the left
+    distance falls and the right one grows with ``r``), so the run starts at
+    ``a = #{r < n - k : c - s[r] > s[r + k] - c}``. Equal distances keep the lower value. This
+    is the ``k`` nearest values even when values repeat (comparing runs by their largest
+    distance alone is not: ``0, 0, 2, 3, 5, 6, 8`` around ``10/3`` would keep both zeros
+    rather than ``6``).
+
+    Args:
+      x: ``[n, ...]``.
+      k: how many values to keep, ``1 <= k <= n``.
+      trim: ``None`` for the median, else values trimmed from each side, ``2 trim < n``.
+    """
     n = x.shape[0]
     s = sorted_rows(x)
     acc = tree_util.accumulation_dtype(x.dtype)
+    sa = [v.astype(acc) for v in s]
     lo, hi = (n - 1) // 2, n // 2
-    center = (s[lo].astype(acc) + s[hi].astype(acc)) / 2
-    best_spread = best_sum = None
-    for a in range(max(0, lo - k + 1), min(hi, n - k) + 1):
-        spread = jnp.maximum(center - s[a].astype(acc), s[a + k - 1].astype(acc) - center)
-        window = tree_util.sum_rows([s[r].astype(acc) for r in range(a, a + k)])
-        if best_spread is None:
-            best_spread, best_sum = spread, window
-        else:
-            better = spread < best_spread
-            best_spread = jnp.where(better, spread, best_spread)
-            best_sum = jnp.where(better, window, best_sum)
-    return (best_sum / k).astype(x.dtype)
+    if trim is None:
+        center = (sa[lo] + sa[hi]) / 2
+    else:
+        center = tree_util.sum_rows(sa[trim:n - trim]) / (n - 2 * trim)
+    start = jnp.zeros(center.shape, jnp.int32)
+    for r in range(n - k):
+        start = start + (center - sa[r] > sa[r + k] - center).astype(jnp.int32)
+    zero = jnp.zeros((), acc)
+    total = tree_util.sum_rows(
+        [jnp.where((start <= r) & (r < start + k), sa[r], zero) for r in range(n)])
+    return (total / k).astype(x.dtype)
 
 
 def materialized(fn, x: jax.Array) -> jax.Array:

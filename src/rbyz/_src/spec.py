@@ -159,6 +159,11 @@ class Spec:
       cost: its cost in ``n`` and ``d``, e.g. ``"O(n^2 d)"``.
       rows_out: pre-aggregators: ``rows_out(n, hparams) -> n'``, the rows the next stage sees.
       takes_n: attacks: whether the total worker count is passed as ``n=``.
+      weights: aggregators: whether the rule accepts per-worker weights (``weights=``, a
+        non-negative ``[n]`` array such as the clients' sample counts). Like the key and the
+        state, weights are a per-step input (traced, may change every step), not a static
+        hyperparameter: :meth:`apply` passes them, and refuses them for a rule that does not
+        declare ``weights=True``.
       knowledge: attacks: what rows the attack is defined on, ``"honest"`` (the honest workers'
         updates: omniscient), ``"own"`` (the Byzantine workers' own honest updates, e.g. the
         reversed gradient) or ``"shapes"`` (nothing but shapes); the injection path gives it
@@ -180,6 +185,7 @@ class Spec:
     cost: str = "unknown"
     rows_out: Callable[[int, Mapping[str, Any]], int] | None = None
     takes_n: bool = False
+    weights: bool = False
     knowledge: str = "honest"
     note: str = ""
     declared: bool = True
@@ -203,6 +209,14 @@ class Spec:
         reserved |= {"n"} if self.takes_n else set()
         accepted = ", ".join(self.hparams) or "none"
         for name in hparams:
+            if name == "weights" and self.weights:
+                raise ValueError(
+                    f"{where}: {self.name}'s weights are a per-step input, not a hyperparameter: "
+                    "pass them at each step (spec.apply(..., weights=w), or "
+                    "update(..., weights=w) of rbyz.transforms.aggregate)."
+                )
+            if name == "weights" and name not in self.hparams:
+                raise ValueError(weights_refused(self.name, where))
             if name in reserved:
                 raise ValueError(
                     f"{where}: {self.name}'s {name!r} is supplied by rbyz, not set by hand"
@@ -240,8 +254,15 @@ class Spec:
         """The state before the first step (``None`` for stateless rules)."""
         return None if self.state is None else self.state.init(params)
 
-    def apply(self, updates, state, key, hparams: Mapping[str, Any]):
-        """``(output, new_state)`` for one step; ``key`` is a typed key (or ``None`` if keyless)."""
+    def apply(self, updates, state, key, hparams: Mapping[str, Any], weights=None):
+        """``(output, new_state)`` for one step; ``key`` is a typed key (or ``None`` if keyless).
+
+        ``weights``: per-worker weights ``[n]`` for a rule declared ``weights=True``; ``None``
+        runs the unweighted rule. Weights given to any other rule raise ``ValueError`` naming
+        the rules that accept them.
+        """
+        if weights is not None and not self.weights:
+            raise ValueError(weights_refused(self.name, "apply"))
         if self.applier is not None:
             return self.applier(updates, state, key, hparams)
         kwargs = dict(hparams)
@@ -249,6 +270,8 @@ class Spec:
             kwargs["key"] = key
         if self.state is not None:
             kwargs[self.state.arg] = state
+        if weights is not None:
+            kwargs["weights"] = weights
         out = self.fn(updates, **kwargs)
         return out, (None if self.state is None else self.state.next(out, state))
 
@@ -267,12 +290,22 @@ class Spec:
             "key": "yes" if self.key else "no",
             "state": self.state.doc if self.state else "-",
             "coordinate slices": "yes" if self.coordinate_slices else "no",
+            **({"weights": "yes" if self.weights else "no"} if self.kind == "aggregator"
+               else {}),
             "cost": self.cost,
             **({"knowledge": self.knowledge} if self.kind == "attack" else {}),
             "hyperparameters": ", ".join(
                 k if v is REQUIRED else f"{k}={v!r}" for k, v in (self.hparams or {}).items()),
             "reference": "; ".join(str(r) for r in self.reference),
         }
+
+
+def weights_refused(name: str, where: str) -> str:
+    """The message for weights given to a rule that does not declare ``weights=True``."""
+    accepting = [s.name for s in REGISTRIES["aggregator"].specs() if s.weights]
+    prefix = f"{where}: {name}" if where and where != name else name
+    return (f"{prefix} takes no per-worker weights; the rules that accept weights= are "
+            f"{', '.join(accepting) or 'none'}. Drop weights, or use one of those rules.")
 
 
 def _bindable(fn: Callable, hparams: Mapping[str, Any], where: str, name: str) -> None:
@@ -330,7 +363,8 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
             coordinate_slices: bool = False, constraint: Constraint = ANY,
             reference: tuple[Reference, ...] | Reference = (), cost: str = "unknown",
             rows_out: Callable | None = None, takes_n: bool = False, knowledge: str = "honest",
-            note: str = "", register: bool = True) -> Callable[[Callable], Callable]:
+            note: str = "", register: bool = True,
+            weights: bool = False) -> Callable[[Callable], Callable]:
     """Decorator declaring a rule: attaches ``fn.spec`` and (``register``) adds it to its registry.
 
     The hyperparameters and their defaults are read from the function's keyword parameters once,
@@ -348,6 +382,8 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
       cost: its cost in ``n`` and ``d``.
       rows_out: pre-aggregators that change the row count: ``rows_out(n, hparams)``.
       takes_n: attacks that need the total worker count ``n``.
+      weights: aggregators that accept per-worker weights as ``weights=`` (a per-step input,
+        like the key: not a hyperparameter).
       knowledge: attacks: ``"honest"``, ``"own"`` or ``"shapes"`` (see :class:`Spec`).
       note: where a default differs from the paper, which source it follows and why.
       register: add to the registry of ``kind`` (set ``False`` for a user's own rule).
@@ -373,13 +409,15 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
         params = list(inspect.signature(fn).parameters.values())[1:]
         names = {p.name for p in params}
         for needed, why in ((key and "key", "key=True"), (state and state.arg, "its state"),
-                            (takes_n and "n", "takes_n=True")):
+                            (takes_n and "n", "takes_n=True"), (weights and "weights",
+                                                                "weights=True")):
             if needed and needed not in names:
                 raise TypeError(f"declare: {rule_name} declares {why} but has no {needed!r} "
                                 "parameter.")
         if not key and "key" in names:
             raise TypeError(f"declare: {rule_name} has a 'key' parameter; declare key=True.")
         skipped = {"key"} | ({state.arg} if state else set()) | ({"n"} if takes_n else set())
+        skipped |= {"weights"} if weights else set()
         hparams = {
             p.name: (REQUIRED if p.default is inspect.Parameter.empty else p.default)
             for p in params
@@ -389,7 +427,7 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
             name=rule_name, kind=kind, fn=fn, key=key, state=state,
             coordinate_slices=coordinate_slices, constraint=constraint, hparams=hparams,
             reference=references, cost=cost, rows_out=rows_out, takes_n=takes_n,
-            knowledge=knowledge, note=note,
+            weights=weights, knowledge=knowledge, note=note,
         )
         fn.spec = declared
         if register:

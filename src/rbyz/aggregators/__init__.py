@@ -22,7 +22,8 @@ then select or weight rows leaf by leaf: the model is never ravelled into one ve
 
 Modules: ``coordinatewise`` (mean, median, trimmed mean, MeaMed), ``krum`` (Krum, Multi-Krum,
 Bulyan), ``subsets`` (MDA, DnC), ``iterative`` (geometric median, centered clipping), ``sign``
-(majority vote of signs).
+(majority vote of signs), ``clustering`` (clipped clustering, SignGuard, FLAME), ``spectral``
+(CAF, SMEA), ``nearest`` (MoNNA, CGE).
 
 Example:
   >>> import jax
@@ -35,8 +36,8 @@ Example:
   Array([1.5, 2. ], dtype=float32)
   >>> aggregators.spec("bulyan").constraint.text
   'n >= 4f + 3'
-  >>> aggregators.names()[:3]
-  ('bulyan', 'centered_clipping', 'dnc')
+  >>> aggregators.names()[:1]
+  ('bulyan',)
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ from __future__ import annotations
 from typing import Callable
 
 from rbyz._src import spec as _spec
+from rbyz.aggregators.clustering import clipped_clustering as clipped_clustering
+from rbyz.aggregators.clustering import flame as flame
+from rbyz.aggregators.clustering import signguard as signguard
 from rbyz.aggregators.coordinatewise import EVEN_MEDIANS as EVEN_MEDIANS
 from rbyz.aggregators.coordinatewise import mean as mean
 from rbyz.aggregators.coordinatewise import meamed as meamed
 from rbyz.aggregators.coordinatewise import median as median
+from rbyz.aggregators.coordinatewise import phocas as phocas
 from rbyz.aggregators.coordinatewise import trimmed_mean as trimmed_mean
 from rbyz.aggregators.iterative import GEOMETRIC_MEDIAN_INITS as GEOMETRIC_MEDIAN_INITS
 from rbyz.aggregators.hierarchical import Stage2 as Stage2
@@ -58,8 +63,13 @@ from rbyz.aggregators.iterative import geometric_median as geometric_median
 from rbyz.aggregators.krum import bulyan as bulyan
 from rbyz.aggregators.krum import krum as krum
 from rbyz.aggregators.krum import multi_krum as multi_krum
+from rbyz.aggregators.nearest import cge as cge
+from rbyz.aggregators.nearest import monna as monna
 from rbyz.aggregators.sign import ZERO_SIGNS as ZERO_SIGNS
 from rbyz.aggregators.sign import sign_majority as sign_majority
+from rbyz.aggregators.spectral import SMEA_MAX_SUBSETS as SMEA_MAX_SUBSETS
+from rbyz.aggregators.spectral import caf as caf
+from rbyz.aggregators.spectral import smea as smea
 from rbyz.aggregators.subsets import MDA_MAX_SUBSETS as MDA_MAX_SUBSETS
 from rbyz.aggregators.subsets import dnc as dnc
 from rbyz.aggregators.subsets import mda as mda
@@ -68,12 +78,17 @@ __all__ = (
     "EVEN_MEDIANS",
     "GEOMETRIC_MEDIAN_INITS",
     "MDA_MAX_SUBSETS",
+    "SMEA_MAX_SUBSETS",
     "Stage2",
     "ZERO_SIGNS",
     "bulyan",
+    "caf",
     "centered_clipping",
+    "cge",
+    "clipped_clustering",
     "declare",
     "dnc",
+    "flame",
     "geometric_median",
     "get",
     "hierarchical",
@@ -82,10 +97,14 @@ __all__ = (
     "mean",
     "meamed",
     "median",
+    "monna",
     "multi_krum",
     "names",
+    "phocas",
     "plain",
     "sign_majority",
+    "signguard",
+    "smea",
     "spec",
     "specs",
     "supports_coordinate_layout",

@@ -18,17 +18,19 @@ from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz._src import tree as tree_util
 from rbyz.aggregators import _common
+from rbyz.aggregators import _weights
 
 GEOMETRIC_MEDIAN_INITS = ("median", "mean", "zero")
 
 
-def _initial_point(updates, init: str, alpha: jax.Array):
+def _initial_point(updates, init: str, alpha: jax.Array, weighted: bool):
     """Weiszfeld start, in the accumulation dtype of each leaf."""
     if init == "median":
-        return jax.tree.map(
-            lambda leaf: order_stats.median(leaf).astype(tree_util.accumulation_dtype(leaf.dtype)),
-            updates,
-        )
+        def start(leaf):
+            med = _weights.median(leaf, alpha) if weighted else order_stats.median(leaf)
+            return med.astype(tree_util.accumulation_dtype(leaf.dtype))
+
+        return jax.tree.map(start, updates)
     if init == "mean":
         return _common.weighted_mean(updates, alpha, jnp.sum(alpha))
     return jax.tree.map(
@@ -38,6 +40,7 @@ def _initial_point(updates, init: str, alpha: jax.Array):
 
 @_spec.declare(
     "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(L n d)",
+    weights=True,
     reference=(
         _spec.Reference("Pillutla, Kakade, Harchaoui", "Robust aggregation for federated learning",
                         "IEEE Transactions on Signal Processing", 2022),
@@ -47,7 +50,8 @@ def _initial_point(updates, init: str, alpha: jax.Array):
     note="init='median' differs from RFA, which starts at the weighted mean: one row at 1e30 "
          "drags a mean start so far that 4 iterations do not come back (init='mean' is RFA's "
          "start). iterations=4 and nu=1e-5 are RFA's; epfml and ByzFL use nu=0.1 with 3 or 8 "
-         "iterations from zero (init='zero').",
+         "iterations from zero (init='zero'). With weights, init='median' starts at the "
+         "weighted coordinate-wise median.",
 )
 def geometric_median(
     updates,
@@ -60,7 +64,8 @@ def geometric_median(
 ):
     """Geometric median by the smoothed Weiszfeld algorithm (RFA).
 
-    Approximates ``argmin_v sum_i alpha_i ||v - g_i||`` with ``iterations`` steps of
+    Approximates ``argmin_v sum_i alpha_i ||v - g_i||`` (``alpha_i = 1``, or the given weights,
+    e.g. the clients' sample counts: RFA's weighted geometric median) with ``iterations`` steps of
     ``beta_i = alpha_i / max(nu, ||v - g_i||)``, ``v <- sum_i beta_i g_i / sum_i beta_i``, the
     norms taken over the whole update (all leaves) in float32, or in float64 for float64
     updates. Rows holding NaN/Inf, or whose distance overflows that dtype, get ``beta_i = 0``
@@ -82,7 +87,11 @@ def geometric_median(
       nu: smoothing, ``> 0``: distances below ``nu`` count as ``nu``.
       init: ``"median"``, ``"mean"`` or ``"zero"``.
       weights: ``[n]`` non-negative ``alpha_i`` (e.g. sample counts); uniform if ``None``. The
-        median start ignores them.
+        median start is then the weighted median. Concrete weights that are negative,
+        non-finite or all zero raise ``ValueError``; traced ones count such entries as 0, and
+        all-zero traced weights give NaN. Weights are trusted: with them, the promise holds for
+        hostile rows holding less than half of the total weight (integer weights give the
+        geometric median of the rows repeated that many times).
 
     Returns:
       A pytree like one worker's update.
@@ -105,14 +114,10 @@ def geometric_median(
     _common.check_positive(nu, "geometric_median", "nu")
     _common.check_choice(init, "geometric_median", "init", GEOMETRIC_MEDIAN_INITS)
     dtype = reductions.accumulation_dtype(updates)
-    if weights is None:
-        weights = jnp.ones((n,), dtype)
-    checks.require(
-        jnp.shape(weights) == (n,),
-        "geometric_median",
-        f"weights must have shape (n,) = ({n},); got {jnp.shape(weights)}.",
-    )
-    alpha = jnp.where(reductions.finite_rows(updates), jnp.asarray(weights).astype(dtype), 0.0)
+    weighted = weights is not None
+    given = (_weights.prepare(weights, n, "geometric_median", dtype) if weighted
+             else jnp.ones((n,), dtype))
+    alpha = jnp.where(reductions.finite_rows(updates), given, 0.0)
 
     def weiszfeld_step(_, point):
         dist = jnp.sqrt(reductions.sq_distances_to(updates, point))
@@ -121,8 +126,9 @@ def geometric_median(
         moved = _common.weighted_mean(updates, beta, jnp.where(total > 0, total, 1.0))
         return jax.tree.map(lambda new, old: jnp.where(total > 0, new, old), moved, point)
 
-    point = jax.lax.fori_loop(0, iterations, weiszfeld_step, _initial_point(updates, init, alpha))
-    return _common.cast_like(point, updates)
+    start = _initial_point(updates, init, alpha, weighted)
+    point = _common.cast_like(jax.lax.fori_loop(0, iterations, weiszfeld_step, start), updates)
+    return _weights.nan_if_empty(point, given) if weighted else point
 
 
 def _check_center(center, updates) -> None:
@@ -137,6 +143,7 @@ def _check_center(center, updates) -> None:
 
 @_spec.declare(
     "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(L n d)",
+    weights=True,
     state=_spec.State(arg="center", doc="the previous aggregate v_{t-1}; zeros at the start"),
     reference=_spec.Reference("Karimireddy, He, Jaggi",
                               "Learning from history for Byzantine robust optimization", "ICML",
@@ -146,7 +153,7 @@ def _check_center(center, updates) -> None:
          "iterations=3.",
 )
 def centered_clipping(
-    updates, *, f: int = 0, center=None, tau: float = 100.0, iterations: int = 1
+    updates, *, f: int = 0, center=None, tau: float = 100.0, iterations: int = 1, weights=None
 ):
     """Centered clipping: move the centre by the mean of the clipped differences.
 
@@ -161,12 +168,20 @@ def centered_clipping(
     Variants: ``tau=100``, ``iterations=1`` (CC repository, ByzFL); the bucketing repository
     uses ``tau=10``, ``iterations=3``.
 
+    Weighted: ``v_{l+1} = v_l + sum_i w_i (g_i - v_l) min(1, tau / ||g_i - v_l||) / sum_i w_i``,
+    the clipped differences averaged with the weights. Each step still moves ``v`` by at most
+    ``tau``; hostile rows move it by at most ``tau`` times their share of the weight, so the
+    promise needs trusted weights.
+
     Args:
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers tolerated (only validated), ``n > 2f``.
       center: the start ``v_0``, a pytree like one worker's update; zeros if ``None``.
       tau: clipping radius, ``> 0``.
       iterations: clipping steps ``L``, ``>= 1``.
+      weights: ``[n]`` non-negative per-worker weights, or ``None`` (equal weights). Concrete
+        weights that are negative, non-finite or all zero raise ``ValueError``; traced ones
+        count such entries as 0, and all-zero traced weights give NaN.
 
     Returns:
       A pytree like one worker's update.
@@ -176,6 +191,8 @@ def centered_clipping(
       >>> g = jnp.array([[1.0, 0.0], [0.0, 1.0], [jnp.nan, 0.0], [300.0, 400.0]])
       >>> centered_clipping(g, f=1, tau=5.0)
       Array([1.  , 1.25], dtype=float32)
+      >>> centered_clipping(g, f=1, tau=5.0, weights=jnp.array([2.0, 1.0, 1.0, 1.0]))
+      Array([1., 1.], dtype=float32)
 
     References:
       Karimireddy, He, Jaggi, `Learning from history for Byzantine robust optimization`,
@@ -191,12 +208,22 @@ def centered_clipping(
         lambda c, leaf: c.astype(tree_util.accumulation_dtype(leaf.dtype)), center, updates
     )
     finite = reductions.finite_rows(updates)
+    w = None
+    if weights is not None:
+        w = _weights.prepare(weights, n, "centered_clipping", reductions.accumulation_dtype(updates))
+        total = jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1.0)
 
     def clipping_step(_, point):
         dist = jnp.sqrt(reductions.sq_distances_to(updates, point))
         scale = jnp.where(finite & jnp.isfinite(dist), jnp.minimum(1.0, tau / dist), 0.0)
-        pulled = _common.weighted_mean(updates, scale, n)
-        kept = 1.0 - jnp.sum(scale) / n
+        if w is None:
+            pulled = _common.weighted_mean(updates, scale, n)
+            kept = 1.0 - jnp.sum(scale) / n
+        else:
+            scale = w * scale
+            pulled = _common.weighted_mean(updates, scale, total)
+            kept = 1.0 - jnp.sum(scale) / total
         return jax.tree.map(lambda p, c: p + kept.astype(p.dtype) * c, pulled, point)
 
-    return _common.cast_like(jax.lax.fori_loop(0, iterations, clipping_step, center), updates)
+    out = _common.cast_like(jax.lax.fori_loop(0, iterations, clipping_step, center), updates)
+    return out if w is None else _weights.nan_if_empty(out, w)

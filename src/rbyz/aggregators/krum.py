@@ -17,6 +17,7 @@ from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz._src import tree as tree_util
 from rbyz.aggregators import _common
+from rbyz.aggregators import _weights
 
 _BLANCHARD = _spec.Reference(
     "Blanchard, El Mhamdi, Guerraoui, Stainer",
@@ -84,8 +85,11 @@ def _krum_ranking(updates, neighbours, squared: bool) -> jax.Array:
 
 
 @_spec.declare("aggregator", coordinate_slices=True, constraint=_spec.KRUM, cost="O(n^2 d)",
-               reference=_BLANCHARD)
-def krum(updates, *, f: int, neighbours: int | None = None, squared: bool = True):
+               reference=_BLANCHARD, weights=True,
+               note="weights are accepted (and validated) so that weighted pipelines can use "
+                    "Krum; the selection is unweighted and one row is returned as it is.")
+def krum(updates, *, f: int, neighbours: int | None = None, squared: bool = True,
+         weights=None):
     """Krum: the worker's update closest to its nearest neighbours.
 
     ``score(i) = sum_{j in N_i} ||g_i - g_j||^2`` over the ``neighbours`` nearest other rows
@@ -99,11 +103,18 @@ def krum(updates, *, f: int, neighbours: int | None = None, squared: bool = True
     Variants: ``neighbours`` defaults to ``n - f - 2`` (paper, epfml, DETOX); ByzFL uses
     ``n - f - 1``, the ALIE repository ``n - f`` with ``squared=False``.
 
+    Weights: the selection is unweighted (scores over distances only, so a worker cannot buy
+    its way in by claiming a large weight), and the weighted mean of the one selected row is
+    the row itself: ``weights`` are validated as for the other weighted rules and change
+    nothing else (see :func:`multi_krum`, where they weight the selected rows).
+
     Args:
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers, ``n >= 2f + 3``.
       neighbours: nearest other rows in each score, ``1 <= neighbours <= n - 1``.
       squared: score with squared distances (paper) or plain Euclidean ones.
+      weights: ``[n]`` non-negative per-worker weights, or ``None``; they do not change the
+        output (concrete negative, non-finite or all-zero weights raise ``ValueError``).
 
     Returns:
       The selected worker's update (a pytree like one worker's update).
@@ -118,14 +129,19 @@ def krum(updates, *, f: int, neighbours: int | None = None, squared: bool = True
       Blanchard, El Mhamdi, Guerraoui, Stainer, `Machine learning with adversaries: Byzantine
       tolerant gradient descent`, NeurIPS 2017.
     """
-    _, _, neighbours = _krum_setup(updates, f, neighbours, krum.spec)
+    n, _, neighbours = _krum_setup(updates, f, neighbours, krum.spec)
+    if weights is not None:
+        _weights.prepare(weights, n, "krum", reductions.accumulation_dtype(updates))
     return tree_util.take_row(updates, _krum_ranking(updates, neighbours, squared)[0])
 
 
 @_spec.declare("aggregator", coordinate_slices=True, constraint=_spec.KRUM, cost="O(n^2 d)",
-               reference=_BLANCHARD)
+               reference=_BLANCHARD, weights=True,
+               note="Weighted: the selection is unweighted (ByzFL's MultiKrum does the same), "
+                    "the selected rows are averaged with their weights.")
 def multi_krum(
-    updates, *, f: int, m: int | None = None, neighbours: int | None = None, squared: bool = True
+    updates, *, f: int, m: int | None = None, neighbours: int | None = None, squared: bool = True,
+    weights=None,
 ):
     """Multi-Krum: the mean of the ``m`` updates with the lowest Krum scores.
 
@@ -137,12 +153,21 @@ def multi_krum(
     Variants: ``m`` defaults to ``n - f`` (paper, ByzFL); DETOX keeps ``n - f - 2``. The
     ``neighbours`` and ``squared`` variants are those of :func:`krum`.
 
+    Weighted: ``agg = sum_{i in S} w_i g_i / sum_{i in S} w_i``. The selection ``S`` itself is
+    unweighted (scores over distances only), so a worker claiming a large weight is selected
+    only if its update is close to the others; once selected its weight counts as given
+    (trusted weights). Non-finite rows are never selected, whatever their weight. If every
+    selected row has weight 0 the output is NaN.
+
     Args:
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers, ``n >= 2f + 3``.
       m: how many rows are averaged, ``1 <= m <= n - f``.
       neighbours: nearest other rows in each score, ``1 <= neighbours <= n - 1``.
       squared: score with squared distances (paper) or plain Euclidean ones.
+      weights: ``[n]`` non-negative per-worker weights, or ``None`` (equal weights). Concrete
+        weights that are negative, non-finite or all zero raise ``ValueError``; traced ones
+        count such entries as 0.
 
     Returns:
       A pytree like one worker's update.
@@ -152,6 +177,8 @@ def multi_krum(
       >>> g = jnp.array([[0.0, 0.0], [0.2, 0.0], [0.0, 0.2], [0.2, 0.2], [9.0, 9.0]])
       >>> multi_krum(g, f=1)  # the four rows near 0 are selected, not the far one
       Array([0.1, 0.1], dtype=float32)
+      >>> multi_krum(g, f=1, weights=jnp.array([1.0, 3.0, 0.0, 0.0, 100.0]))
+      Array([0.15, 0.  ], dtype=float32)
 
     References:
       Blanchard, El Mhamdi, Guerraoui, Stainer, `Machine learning with adversaries: Byzantine
@@ -161,8 +188,13 @@ def multi_krum(
     m = n - f if m is None else m
     m = _common.count_in_range(m, "multi_krum", "m", 1, n - f, f"rows averaged, here n={n}, f={f}")
     chosen = _krum_ranking(updates, neighbours, squared)[:m]
-    weights = jnp.zeros((n,), jnp.float32).at[chosen].set(1.0)
-    return _common.cast_like(_common.weighted_mean(updates, weights, m), updates)
+    if weights is None:
+        weights = jnp.zeros((n,), jnp.float32).at[chosen].set(1.0)
+        return _common.cast_like(_common.weighted_mean(updates, weights, m), updates)
+    w = _weights.prepare(weights, n, "multi_krum", reductions.accumulation_dtype(updates))
+    selected = jnp.zeros_like(w).at[chosen].set(w[chosen])
+    out = _common.weighted_mean(updates, selected, jnp.sum(selected))
+    return _weights.nan_if_empty(_common.cast_like(out, updates), selected)
 
 
 def _iterated_krum(dist: jax.Array, f: int, count: int) -> jax.Array:

@@ -16,9 +16,11 @@ Modules: :mod:`~rbyz.attacks.statistical` (ALIE, IPM), :mod:`~rbyz.attacks.fixed
 reverse, constant, non-finite, Gaussian, mimic), :mod:`~rbyz.attacks.minmax` (Min-Max,
 Min-Sum), :mod:`~rbyz.attacks.bitflip`, :mod:`~rbyz.attacks.search` (the worst-case scale
 search), :mod:`~rbyz.attacks.adaptive` (adaptive ALIE and IPM), :mod:`~rbyz.attacks.sign`
-(sign-domain attacks), :mod:`~rbyz.attacks.data` (label flipping, a data attack, not in the
-registry) and :mod:`~rbyz.attacks.injection`, the one path that writes attack rows into a stack
-(:func:`inject`, :func:`attack_rows`, :func:`byzantine_positions`).
+(sign-domain attacks), :mod:`~rbyz.attacks.tailored` (Fang et al. against trimmed mean,
+median and Krum; ByzMean; ROP against centered clipping), :mod:`~rbyz.attacks.data` (label
+flipping, a data attack, not in the registry) and :mod:`~rbyz.attacks.injection`, the one path
+that writes attack rows into a stack (:func:`inject`, :func:`attack_rows`,
+:func:`byzantine_positions`).
 
 Every model attack is declared (``rbyz.attacks.spec(name)``: key, constraint, hyperparameters,
 references, cost, and where a default differs from the paper); a user's own attack is declared
@@ -77,6 +79,11 @@ from rbyz.attacks.sign import sign_reverse as sign_reverse
 from rbyz.attacks.statistical import alie as alie
 from rbyz.attacks.statistical import alie_z as alie_z
 from rbyz.attacks.statistical import ipm as ipm
+from rbyz.attacks.tailored import byzmean as byzmean
+from rbyz.attacks.tailored import fang_krum as fang_krum
+from rbyz.attacks.tailored import fang_trimmed_mean as fang_trimmed_mean
+from rbyz.attacks.tailored import fang_trimmed_mean_partial as fang_trimmed_mean_partial
+from rbyz.attacks.tailored import rop as rop
 
 # get(name) -> rule, names(), spec(name) -> declaration, specs(), and declare(...) for a
 # rule of your own (not registered): @rbyz.attacks.declare(...).
@@ -95,8 +102,12 @@ __all__ = (
     "attack_rows",
     "bit_flip",
     "byzantine_positions",
+    "byzmean",
     "constant",
     "declare",
+    "fang_krum",
+    "fang_trimmed_mean",
+    "fang_trimmed_mean_partial",
     "gaussian",
     "get",
     "inject",
@@ -110,6 +121,7 @@ __all__ = (
     "names",
     "non_finite",
     "reverse",
+    "rop",
     "search_scale",
     "sign_directional",
     "sign_flip",

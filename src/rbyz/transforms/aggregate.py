@@ -110,6 +110,12 @@ def aggregate(
       key: int seed or jax key, required for rules that declare one, refused otherwise.
       **hparams: the rule's hyperparameters (``f=...``, ``tau=...``, ...).
 
+    Per-worker weights (e.g. the workers' data sizes) are a per-step input:
+    ``update(updates, state, params, weights=w)``, ``w`` of shape ``[n]`` for stacked updates
+    or, in collective mode, each shard's own weight (a scalar; ``[m]`` when tiled), gathered
+    like the updates. Only rules declared ``weights=True`` accept them (``rbyz list`` shows
+    which); any other rule refuses them with ``ValueError`` rather than ignore them.
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`AggregateState`.
 
@@ -120,6 +126,9 @@ def aggregate(
       >>> g = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [1e9, -1e9]])}
       >>> tx.update(g, tx.init(params), params)[0]["w"]
       Array([4., 3.], dtype=float32)
+      >>> tx = aggregate("median", f=1)
+      >>> tx.update(g, tx.init(params), params, weights=jnp.array([1.0, 1.0, 5.0, 1.0]))[0]["w"]
+      Array([5., 6.], dtype=float32)
       >>> aggregate("krum", f=1, neighbors=2)
       Traceback (most recent call last):
       ...
@@ -148,16 +157,22 @@ def aggregate(
         shapes.record(params)
         return AggregateState(jnp.zeros([], jnp.int32), key_data, declared.init(params))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, weights=None, **extra_args):
         del extra_args
+        if weights is not None:
+            if not declared.weights:
+                raise ValueError(_spec.weights_refused(declared.name, "aggregate"))
+            weights = _gathered_weights(weights, axis_name, tiled)
         next_key, step_key = (None, None) if state.key is None else _modes.split(state.key)
         if layout == "coordinates":
             _modes.check_shard(updates, shapes.of(params), tiled, "aggregate")
             out, rule_state = _aggregate_coordinates(
-                declared, updates, state.rule_state, step_key, hparams, axis_name, tiled)
+                declared, updates, state.rule_state, step_key, hparams, axis_name, tiled,
+                weights)
         else:
             stacked = _modes.gathered(updates, shapes.of(params), axis_name, tiled, "aggregate")
-            out, rule_state = declared.apply(stacked, state.rule_state, step_key, hparams)
+            out, rule_state = declared.apply(stacked, state.rule_state, step_key, hparams,
+                                             weights=weights)
         if state.rule_state is not None:
             rule_state = _cast_like(rule_state, state.rule_state)
         return out, AggregateState(optax.safe_increment(state.count), next_key, rule_state)
@@ -165,11 +180,27 @@ def aggregate(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _gathered_weights(weights, axis_name: str | None, tiled: bool) -> jax.Array:
+    """Every worker's weight ``[n]``: as given in stacked mode; in collective mode each shard
+    passes its own (a scalar, or ``[m]`` when tiled) and they are gathered like the updates."""
+    weights = jnp.asarray(weights)
+    if axis_name is None:
+        return weights
+    want = 1 if tiled else 0
+    if weights.ndim != want:
+        raise ValueError(
+            f"aggregate: in collective mode each shard passes its own weight"
+            f"{'s, shape [m] (tiled)' if tiled else ', a scalar'}; got shape {weights.shape}. "
+            "The weights are gathered over the worker axis like the updates.")
+    return distributed.gather_workers(weights, axis_name, tiled=tiled, where="aggregate")
+
+
 def _like(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
 
 
-def _aggregate_coordinates(declared, updates, rule_state, key, hparams, axis_name, tiled):
+def _aggregate_coordinates(declared, updates, rule_state, key, hparams, axis_name, tiled,
+                           weights=None):
     """The rule on this shard's slice of the coordinates (sums over coordinates completed over
     the axis), the slices of the output and of the state joined again."""
     like = jax.tree.map(
@@ -179,7 +210,7 @@ def _aggregate_coordinates(declared, updates, rule_state, key, hparams, axis_nam
     if rule_state is not None:
         own_state = distributed.slice_coordinates(rule_state, axis_name)
     with reductions.sharded(axis_name):
-        part, new_part = declared.apply(stacked, own_state, key, hparams)
+        part, new_part = declared.apply(stacked, own_state, key, hparams, weights=weights)
     out = distributed.gather_coordinates(part, like, axis_name)
     if rule_state is None:
         return out, None
