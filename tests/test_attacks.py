@@ -515,8 +515,9 @@ def test_ipm_reverses_the_honest_mean():
 
 
 def test_registry():
-    expected = {"alie", "alie_adaptive", "bit_flip", "constant", "gaussian", "ipm",
-                "ipm_adaptive", "mimic", "min_max", "min_sum", "non_finite", "reverse",
+    expected = {"alie", "alie_adaptive", "bit_flip", "byzmean", "constant", "fang_krum",
+                "fang_trimmed_mean", "fang_trimmed_mean_partial", "gaussian", "ipm",
+                "ipm_adaptive", "mimic", "min_max", "min_sum", "non_finite", "reverse", "rop",
                 "sign_directional", "sign_flip", "sign_random", "sign_reverse"}
     assert set(attacks.names()) == expected
     assert attacks.get("alie") is attacks.alie

@@ -178,6 +178,26 @@ def test_weights_collective_equal_stacked(rule, layout):
                          a, b)
 
 
+@pytest.mark.parametrize("layout", ["gather", "coordinates"])
+@pytest.mark.parametrize("rule", ["multi_krum", "caf", "centered_clipping"])
+def test_selection_collective_equals_stacked(rule, layout):
+    """report=True: the selection each shard keeps is the stacked one (whole-update distances
+    are summed over the shards in the coordinate layout, so every shard selects alike)."""
+    hparams = {"f": 2, **({"tau": 0.5} if rule == "centered_clipping" else {})}
+    make = functools.partial(transforms.aggregate, rule, report=True, num_workers=N, **hparams)
+    stacked_tx = make()
+    _, want = stacked_tx.update(_hostile_updates(), stacked_tx.init(_params()), _params())
+    tx = make(axis_name=AXIS, layout=layout)
+
+    def worker(params, state, update):
+        _, new = tx.update(_squeeze_shard(update), state, params)
+        return new.selection.weights, new.count
+
+    for mode in MODES:
+        got, _ = _collective(worker, mode)(_params(), tx.init(_params()), _hostile_updates())
+        np.testing.assert_allclose(got, want.selection.weights, rtol=1e-6, atol=1e-7)
+
+
 def test_weights_refused_by_a_rule_without_them_and_shaped_per_shard():
     tx = transforms.aggregate("meamed", f=2)
     with pytest.raises(ValueError, match="aggregate: meamed takes no per-worker weights"):

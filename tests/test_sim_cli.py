@@ -50,7 +50,7 @@ def test_list_reads_the_declarations():
                  "election_coding", "Blanchard"):
         assert name in out
     code, out = invoke("list", "attack")
-    assert code == 0 and "krum" not in out and "ipm" in out
+    assert code == 0 and "| krum " not in out and "| ipm " in out
     assert invoke("list", "rules")[0] == 2
 
 

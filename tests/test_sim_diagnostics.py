@@ -72,12 +72,24 @@ def test_inspected_update_is_the_chains_update():
     params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), (9, *p.shape)), params)
     want, want_state = tx.update(g, tx.init(params), params)
-    got, got_state, share = diagnostics.inspected_update(stages, g, tx.init(params), params)
+    got, got_state, detection = diagnostics.inspected_update(stages, g, tx.init(params), params)
     close = jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6), (want, want_state),
                          (got, got_state))
     assert all(jax.tree.leaves(close))
     # ALIE's rows sit near the mean: Multi-Krum keeps them, among the 7 it averages.
-    assert float(share) == pytest.approx(2 / 7, rel=1e-3)
+    assert float(detection["byzantine_share"]) == pytest.approx(2 / 7, rel=1e-3)
+    assert int(detection["rejected"]) == -1  # measured by differences, not reported
+
+    # The same chain with the rule's own report: the same share, exact, and the counts.
+    stages = transforms.robust_stages("multi_krum", f=2, attack="alie", momentum=0.9, n=9, key=0,
+                                      optimizer=optax.sgd(0.1, momentum=0.5), report=True,
+                                      num_workers=9)
+    state = optax.chain(*stages.transforms).init(params)
+    got, _, detection = diagnostics.inspected_update(stages, g, state, params)
+    chex_close = jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6), want, got)
+    assert all(jax.tree.leaves(chex_close))
+    assert float(detection["byzantine_share"]) == pytest.approx(2 / 7, rel=1e-6)
+    assert int(detection["byzantine_kept"]) == 2 and int(detection["rejected"]) == 2
 
 
 @functools.cache
@@ -159,3 +171,51 @@ def test_the_report_draws_the_diagnostics_of_the_runs_that_logged_them(tmp_path)
     with pytest.raises(ValueError, match="diagnostics.enabled"):
         diagnostics_plot.plot_diagnostics(report.read_results(plain / "results.csv"),
                                           tmp_path / "x.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# Detection as an output: the rule's own selection, logged per step, and failing closed.
+
+
+def test_a_reporting_rule_logs_its_selection_per_step():
+    exp = experiment(defence={"rule": "multi_krum"}, attack={"name": "constant"})
+    rows = train.train(exp, dataset=task_data()).diagnostics
+    # The constant attack's rows are far: Multi-Krum (m = n - f) leaves out exactly them.
+    assert all(r["byzantine_kept"] == 0 and r["rejected"] == 2 for r in rows)
+    assert all(r["byzantine_share"] == 0.0 for r in rows)
+    mean = train.train(experiment(attack={"name": "alie"}), dataset=task_data()).diagnostics
+    assert all(r["byzantine_kept"] == 2 and r["rejected"] == 0 for r in mean)
+    assert all(r["byzantine_share"] == pytest.approx(0.2, rel=1e-6) for r in mean)
+    median = train.train(experiment(defence={"rule": "median"}, attack={"name": "alie"}),
+                         dataset=task_data()).diagnostics
+    assert all(r["byzantine_kept"] == -1 and r["rejected"] == -1 for r in median)
+
+
+def test_fail_closed_stops_when_more_rows_are_rejected_than_f(tmp_path):
+    # f = 1 assumed while 3 workers send far rows: multi_krum with m = n - 3 rejects 3 > 1.
+    exp = experiment(defence={"rule": "multi_krum", "hparams": {"m": 7}},
+                     attack={"name": "constant"}, workers={"n": 10, "f": 1},
+                     diagnostics={"fail_closed": True})
+    with pytest.raises(diagnostics.FailClosed, match=r"fail closed: at step 1 multi_krum "
+                                                     r"rejected 3 rows, more than the f=1"):
+        train.train(exp, dataset=task_data(), run_dir=tmp_path)
+    assert not (tmp_path / checkpoint.DIAGNOSTICS).exists()  # nothing of that chunk was saved
+    calm = experiment(defence={"rule": "multi_krum"}, attack={"name": "constant"},
+                      diagnostics={"fail_closed": True})
+    assert len(train.train(calm, dataset=task_data()).rows) == 2  # rejects f = 2: runs on
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"defence": {"rule": "median"}}, r"needs a rule that reports its selection; median does "
+                                      r"not \(one of caf, centered_clipping"),
+    ({"defence": {"rule": "multi_krum", "pre": ["nnm"]}}, r"needs a rule without "
+                                                          r"pre-aggregators"),
+    ({"diagnostics": {"enabled": False}}, r"needs diagnostics.enabled = true"),
+    ({"defence": {"rule": "krum"}}, r"krum keeps one row by construction"),
+    ({"defence": {"rule": "signsgd_majority"}}, r"signsgd_majority is a whole algorithm"),
+], ids=["median", "pre", "disabled", "krum", "algorithm"])
+def test_fail_closed_misuse_is_refused_before_compute(sections, message):
+    sections = {**sections, "diagnostics": {"fail_closed": True,
+                                            **sections.get("diagnostics", {})}}
+    with pytest.raises(ValueError, match=r"config: diagnostics.fail_closed: " + message):
+        train.defence(experiment(**sections))

@@ -15,7 +15,8 @@ stateless, keyless rule (:func:`spec_of`).
 Stateful rules have explicit state, as optax does: ``spec.init(params)`` gives the state before the
 first step and ``spec.apply(updates, state, key, hparams)`` returns ``(output, new_state)``. The
 pure function itself takes the state as a keyword (centered clipping's ``center``) and returns the
-output only.
+output only. A state whose shape depends on the hyperparameters (FoolsGold's one history row per
+worker) is declared ``init_takes_hparams`` and started by ``spec.init(params, hparams)``.
 
 Example:
   >>> import jax.numpy as jnp
@@ -122,18 +123,26 @@ class State:
 
     Attributes:
       arg: the keyword the pure function takes the state as (centered clipping: ``"center"``).
-      init: ``init(params) -> state`` before the first step (params: one worker's update shape).
+      init: ``init(params) -> state`` before the first step (params: one worker's update shape);
+        ``init(params, hparams)`` when ``init_takes_hparams``.
       next: ``next(output, state) -> new state``; by default the rule's own output.
       model_shaped: whether the state is a pytree shaped like one worker's update (then the
         ``layout="coordinates"`` mode can cut it into coordinate slices like the updates).
       doc: what the state is, for ``rbyz list`` and error messages.
+      init_takes_hparams: whether ``init`` also receives the rule's hyperparameters (declared
+        defaults filled in), for a state whose shape depends on them (FoolsGold keeps one
+        history row per worker, so its ``init`` needs their number).
+      rows: for a state with one row per worker, the hyperparameter that gives their number
+        (FoolsGold: ``"num_clients"``); harnesses set it to the rows the rule aggregates.
     """
 
     arg: str
-    init: Callable[[Any], Any] = zeros_like_params
+    init: Callable[..., Any] = zeros_like_params
     next: Callable[[Any, Any], Any] = _previous_output
     model_shaped: bool = True
     doc: str = "the previous output"
+    init_takes_hparams: bool = False
+    rows: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,6 +173,9 @@ class Spec:
         state, weights are a per-step input (traced, may change every step), not a static
         hyperparameter: :meth:`apply` passes them, and refuses them for a rule that does not
         declare ``weights=True``.
+      reports: aggregators: whether the rule can report, in the same pass, the weight each row
+        has in its output (``report=True`` makes it return ``(output, Selection)``, see
+        ``rbyz.aggregators.Selection``): which rows it kept and with what weight.
       knowledge: attacks: what rows the attack is defined on, ``"honest"`` (the honest workers'
         updates: omniscient), ``"own"`` (the Byzantine workers' own honest updates, e.g. the
         reversed gradient) or ``"shapes"`` (nothing but shapes); the injection path gives it
@@ -186,6 +198,7 @@ class Spec:
     rows_out: Callable[[int, Mapping[str, Any]], int] | None = None
     takes_n: bool = False
     weights: bool = False
+    reports: bool = False
     knowledge: str = "honest"
     note: str = ""
     declared: bool = True
@@ -217,6 +230,13 @@ class Spec:
                 )
             if name == "weights" and name not in self.hparams:
                 raise ValueError(weights_refused(self.name, where))
+            if name == "report" and name not in self.hparams:
+                if not self.reports:
+                    raise ValueError(report_refused(self.name, where))
+                raise ValueError(
+                    f"{where}: report is not a hyperparameter of {self.name}: ask for its "
+                    "selection through spec.apply(..., report=True) or "
+                    "rbyz.transforms.aggregate(..., report=True, num_workers=n).")
             if name in reserved:
                 raise ValueError(
                     f"{where}: {self.name}'s {name!r} is supplied by rbyz, not set by hand"
@@ -250,19 +270,34 @@ class Spec:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def init(self, params):
-        """The state before the first step (``None`` for stateless rules)."""
-        return None if self.state is None else self.state.init(params)
+    def init(self, params, hparams: Mapping[str, Any] | None = None):
+        """The state before the first step (``None`` for stateless rules).
 
-    def apply(self, updates, state, key, hparams: Mapping[str, Any], weights=None):
+        ``hparams``: the rule's hyperparameters, for a state declared ``init_takes_hparams``
+        (its shape depends on them); the declared defaults fill in the ones not given. Other
+        rules ignore them.
+        """
+        if self.state is None:
+            return None
+        if not self.state.init_takes_hparams:
+            return self.state.init(params)
+        full = {k: v for k, v in (self.hparams or {}).items() if v is not REQUIRED}
+        full.update(hparams or {})
+        return self.state.init(params, full)
+
+    def apply(self, updates, state, key, hparams: Mapping[str, Any], weights=None,
+              report: bool = False):
         """``(output, new_state)`` for one step; ``key`` is a typed key (or ``None`` if keyless).
 
         ``weights``: per-worker weights ``[n]`` for a rule declared ``weights=True``; ``None``
         runs the unweighted rule. Weights given to any other rule raise ``ValueError`` naming
-        the rules that accept them.
+        the rules that accept them. ``report=True`` (rules declared ``reports=True``) returns
+        ``(output, new_state, selection)``, the selection computed in the same pass.
         """
         if weights is not None and not self.weights:
             raise ValueError(weights_refused(self.name, "apply"))
+        if report and not self.reports:
+            raise ValueError(report_refused(self.name, "apply"))
         if self.applier is not None:
             return self.applier(updates, state, key, hparams)
         kwargs = dict(hparams)
@@ -272,6 +307,9 @@ class Spec:
             kwargs[self.state.arg] = state
         if weights is not None:
             kwargs["weights"] = weights
+        if report:
+            out, selection = self.fn(updates, report=True, **kwargs)
+            return out, (None if self.state is None else self.state.next(out, state)), selection
         out = self.fn(updates, **kwargs)
         return out, (None if self.state is None else self.state.next(out, state))
 
@@ -290,7 +328,8 @@ class Spec:
             "key": "yes" if self.key else "no",
             "state": self.state.doc if self.state else "-",
             "coordinate slices": "yes" if self.coordinate_slices else "no",
-            **({"weights": "yes" if self.weights else "no"} if self.kind == "aggregator"
+            **({"weights": "yes" if self.weights else "no",
+                "reports": "yes" if self.reports else "no"} if self.kind == "aggregator"
                else {}),
             "cost": self.cost,
             **({"knowledge": self.knowledge} if self.kind == "attack" else {}),
@@ -298,6 +337,16 @@ class Spec:
                 k if v is REQUIRED else f"{k}={v!r}" for k, v in (self.hparams or {}).items()),
             "reference": "; ".join(str(r) for r in self.reference),
         }
+
+
+def report_refused(name: str, where: str) -> str:
+    """The message for report=True given to a rule that does not declare ``reports=True``."""
+    reporting = [s.name for s in REGISTRIES["aggregator"].specs() if s.reports]
+    prefix = f"{where}: {name}" if where != name else name
+    return (f"{prefix} cannot report which rows it kept (it is not declared reports=True; a "
+            f"coordinate-wise rule keeps different rows in each coordinate); the rules that "
+            f"report are {', '.join(reporting) or 'none'}. Drop report, or use one of those "
+            "rules.")
 
 
 def weights_refused(name: str, where: str) -> str:
@@ -364,7 +413,7 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
             reference: tuple[Reference, ...] | Reference = (), cost: str = "unknown",
             rows_out: Callable | None = None, takes_n: bool = False, knowledge: str = "honest",
             note: str = "", register: bool = True,
-            weights: bool = False) -> Callable[[Callable], Callable]:
+            weights: bool = False, reports: bool = False) -> Callable[[Callable], Callable]:
     """Decorator declaring a rule: attaches ``fn.spec`` and (``register``) adds it to its registry.
 
     The hyperparameters and their defaults are read from the function's keyword parameters once,
@@ -384,6 +433,8 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
       takes_n: attacks that need the total worker count ``n``.
       weights: aggregators that accept per-worker weights as ``weights=`` (a per-step input,
         like the key: not a hyperparameter).
+      reports: aggregators that return ``(output, Selection)`` when called with ``report=True``
+        (a static flag, not a hyperparameter).
       knowledge: attacks: ``"honest"``, ``"own"`` or ``"shapes"`` (see :class:`Spec`).
       note: where a default differs from the paper, which source it follows and why.
       register: add to the registry of ``kind`` (set ``False`` for a user's own rule).
@@ -410,14 +461,21 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
         names = {p.name for p in params}
         for needed, why in ((key and "key", "key=True"), (state and state.arg, "its state"),
                             (takes_n and "n", "takes_n=True"), (weights and "weights",
-                                                                "weights=True")):
+                                                                "weights=True"),
+                            (reports and "report", "reports=True")):
             if needed and needed not in names:
                 raise TypeError(f"declare: {rule_name} declares {why} but has no {needed!r} "
                                 "parameter.")
         if not key and "key" in names:
             raise TypeError(f"declare: {rule_name} has a 'key' parameter; declare key=True.")
+        if state is not None and state.rows is not None and (
+                state.rows not in names or not state.init_takes_hparams):
+            raise TypeError(f"declare: {rule_name}'s state is sized by {state.rows!r}, which "
+                            "must be a parameter of the function read by an init declared "
+                            "init_takes_hparams=True.")
         skipped = {"key"} | ({state.arg} if state else set()) | ({"n"} if takes_n else set())
         skipped |= {"weights"} if weights else set()
+        skipped |= {"report"} if reports else set()
         hparams = {
             p.name: (REQUIRED if p.default is inspect.Parameter.empty else p.default)
             for p in params
@@ -427,7 +485,7 @@ def declare(kind: str, *, name: str | None = None, key: bool = False, state: Sta
             name=rule_name, kind=kind, fn=fn, key=key, state=state,
             coordinate_slices=coordinate_slices, constraint=constraint, hparams=hparams,
             reference=references, cost=cost, rows_out=rows_out, takes_n=takes_n,
-            weights=weights, knowledge=knowledge, note=note,
+            weights=weights, reports=reports, knowledge=knowledge, note=note,
         )
         fn.spec = declared
         if register:

@@ -65,6 +65,7 @@ from rbyz.aggregators.krum import krum as krum
 from rbyz.aggregators.krum import multi_krum as multi_krum
 from rbyz.aggregators.nearest import cge as cge
 from rbyz.aggregators.nearest import monna as monna
+from rbyz.aggregators.selection import Selection as Selection
 from rbyz.aggregators.sign import ZERO_SIGNS as ZERO_SIGNS
 from rbyz.aggregators.sign import sign_majority as sign_majority
 from rbyz.aggregators.spectral import SMEA_MAX_SUBSETS as SMEA_MAX_SUBSETS
@@ -78,6 +79,7 @@ __all__ = (
     "EVEN_MEDIANS",
     "GEOMETRIC_MEDIAN_INITS",
     "MDA_MAX_SUBSETS",
+    "Selection",
     "SMEA_MAX_SUBSETS",
     "Stage2",
     "ZERO_SIGNS",

@@ -26,6 +26,7 @@ from rbyz._src import checks
 from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz.aggregators import _common
+from rbyz.aggregators import selection as _selection
 from rbyz.aggregators import subsets as _subsets
 
 LINKAGES = ("average", "single", "complete")
@@ -144,7 +145,8 @@ def _larger_cluster(dist: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(n^2 d + n^3)",
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY,
+    cost="O(n^2 d + n^3)",
     reference=_spec.Reference(
         "Li, Ngai, Voigt",
         "An Experimental Study of Byzantine-Robust Aggregation Schemes in Federated Learning",
@@ -155,7 +157,8 @@ def _larger_cluster(dist: jax.Array, labels: jax.Array) -> jax.Array:
          "size (n even) go to the one of smaller mean within-cluster distance, and both are "
          "kept when that ties too: Blades' choice depends on scikit-learn's label order.",
 )
-def clipped_clustering(updates, *, f: int, linkage: str = "average", max_tau: float = 1e5):
+def clipped_clustering(updates, *, f: int, linkage: str = "average", max_tau: float = 1e5,
+                       report: bool = False):
     """Clipped clustering: the mean of the larger of two cosine clusters of median-clipped rows.
 
     ``tau = min(median_i ||g_i||, max_tau)``, ``c_i = g_i min(1, tau / ||g_i||)``; the ``n``
@@ -172,9 +175,11 @@ def clipped_clustering(updates, *, f: int, linkage: str = "average", max_tau: fl
       f: number of Byzantine workers, ``n > 2f`` (used for the check only).
       linkage: ``"average"`` (Blades' default), ``"single"`` or ``"complete"``.
       max_tau: upper bound on the clipping threshold (Blades: ``1e5``), ``> 0``.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -193,7 +198,9 @@ def clipped_clustering(updates, *, f: int, linkage: str = "average", max_tau: fl
     tau = jnp.minimum(_median(norms, "midpoint"), max_tau)
     dist = _cosine_distances(updates, norms, finite, hostile=2.0)
     kept = _larger_cluster(dist, _agglomerate(dist, linkage, 2)) & finite
-    return _clipped_mean(updates, kept, _clip_scales(norms, finite, tau))
+    scales = _clip_scales(norms, finite, tau)
+    return _selection.returning(_clipped_mean(updates, kept, scales), report,
+                                jnp.where(kept, scales, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +277,7 @@ def _two_means(points: jax.Array, valid: jax.Array, iterations: int) -> jax.Arra
 
 
 @_spec.declare(
-    "aggregator", key=True, coordinate_slices=False, constraint=_spec.MAJORITY,
+    "aggregator", reports=True, key=True, coordinate_slices=False, constraint=_spec.MAJORITY,
     cost="O(n d + T n)",
     reference=_spec.Reference(
         "Xu, Huang, Song, Lan",
@@ -287,7 +294,7 @@ def _two_means(points: jax.Array, valid: jax.Array, iterations: int) -> jax.Arra
          "values); if the two filters share no row, the norm filter's rows are averaged.",
 )
 def signguard(updates, *, f: int, key=None, lower: float = 0.1, upper: float = 3.0,
-              coordinates: float = 1.0, iterations: int = 10):
+              coordinates: float = 1.0, iterations: int = 10, report: bool = False):
     """SignGuard: norm filter and sign-statistics clustering, then the median-clipped mean.
 
     With ``M`` the median norm, ``S_1 = {i : lower < ||g_i|| / M < upper}``. Each row's sign
@@ -309,9 +316,11 @@ def signguard(updates, *, f: int, key=None, lower: float = 0.1, upper: float = 3
       coordinates: fraction of the coordinates the sign statistics are computed on, in
         ``(0, 1]`` (the code uses 0.1).
       iterations: Lloyd steps of the 2-means, ``>= 1``.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -337,7 +346,9 @@ def signguard(updates, *, f: int, key=None, lower: float = 0.1, upper: float = 3
     by_sign = _two_means(_sign_features(updates, finite, key, coordinates), finite, iterations)
     kept = by_norm & by_sign
     kept = jnp.where(jnp.any(kept), kept, by_norm)
-    return _clipped_mean(updates, kept, _clip_scales(norms, finite, _median(norms, "lower")))
+    scales = _clip_scales(norms, finite, _median(norms, "lower"))
+    return _selection.returning(_clipped_mean(updates, kept, scales), report,
+                                jnp.where(kept, scales, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +401,7 @@ def _rows_distances(cos: jax.Array, finite: jax.Array) -> jax.Array:
 
 
 @_spec.declare(
-    "aggregator", key=True, coordinate_slices=False, constraint=_spec.MAJORITY,
+    "aggregator", reports=True, key=True, coordinate_slices=False, constraint=_spec.MAJORITY,
     cost="O(n^2 d + n^3)",
     reference=_spec.Reference(
         "Nguyen, Rieger, Chen, Yalame, Möllering, Fereidooni, Marchal, Miettinen, Mirhoseini, "
@@ -404,7 +415,8 @@ def _rows_distances(cos: jax.Array, finite: jax.Array) -> jax.Array:
          "code's cosines are between local models, here between the updates an aggregator "
          "receives. The clipping bound is the median norm of all rows, as in the paper.",
 )
-def flame(updates, *, f: int, key=None, noise: float = 0.0, distance: str = "cosine"):
+def flame(updates, *, f: int, key=None, noise: float = 0.0, distance: str = "cosine",
+          report: bool = False):
     """FLAME: the HDBSCAN majority cluster of cosine distances, median-clipped, plus noise.
 
     The kept set ``S`` is the HDBSCAN cluster (``min_cluster_size = n // 2 + 1``,
@@ -425,9 +437,11 @@ def flame(updates, *, f: int, key=None, noise: float = 0.0, distance: str = "cos
         paper: 0.001 for image classification, 0.01 for NLP).
       distance: ``"cosine"`` (the paper) or ``"cosine_rows"`` (the released code: Euclidean
         distances between the rows of the cosine-distance matrix).
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -451,9 +465,11 @@ def flame(updates, *, f: int, key=None, noise: float = 0.0, distance: str = "cos
     dist = cos if distance == "cosine" else _rows_distances(cos, finite)
     kept = _majority_cluster(dist) & finite
     bound = _median(norms, "midpoint")
-    out = _clipped_mean(updates, kept, _clip_scales(norms, finite, bound))
+    scales = _clip_scales(norms, finite, bound)
+    out = _clipped_mean(updates, kept, scales)
+    selected = jnp.where(kept, scales, 0.0)
     if silent:
-        return out
+        return _selection.returning(out, report, selected)
     key = checks.as_key(key, "flame")
     leaves, treedef = jax.tree.flatten(out)
     keys = jax.random.split(key, max(len(leaves), 1))
@@ -463,4 +479,4 @@ def flame(updates, *, f: int, key=None, noise: float = 0.0, distance: str = "cos
         std = (noise * bound).astype(acc)
         noisy.append((leaf.astype(acc) + std * jax.random.normal(k, leaf.shape, acc))
                      .astype(leaf.dtype))
-    return jax.tree.unflatten(treedef, noisy)
+    return _selection.returning(jax.tree.unflatten(treedef, noisy), report, selected)

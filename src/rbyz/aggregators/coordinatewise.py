@@ -22,6 +22,7 @@ from rbyz._src import order_stats
 from rbyz._src import spec as _spec
 from rbyz._src import tree as tree_util
 from rbyz.aggregators import _common
+from rbyz.aggregators import selection as _selection
 from rbyz.aggregators import _weights
 
 EVEN_MEDIANS = ("midpoint", "lower", "upper")
@@ -41,13 +42,14 @@ def _weighted(updates, weights, rule: str, n: int):
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MINORITY, cost="O(n d)", weights=True,
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MINORITY, cost="O(n d)",
+    weights=True,
     reference=_spec.Reference(
         "McMahan, Moore, Ramage, Hampson, Agüera y Arcas",
         "Communication-efficient learning of deep networks from decentralized data",
         "AISTATS", 2017),
 )
-def mean(updates, *, f: int = 0, weights=None):
+def mean(updates, *, f: int = 0, weights=None, report: bool = False):
     """Coordinate-wise mean over the workers: the non-robust baseline.
 
     ``agg = (1/n) sum_i g_i``, or with weights ``agg = sum_i w_i g_i / sum_i w_i`` (FedAvg's
@@ -62,9 +64,11 @@ def mean(updates, *, f: int = 0, weights=None):
       weights: ``[n]`` non-negative per-worker weights, or ``None`` (equal weights). Concrete
         weights that are negative, non-finite or all zero raise ``ValueError``; traced ones
         count such entries as 0, and all-zero traced weights give NaN.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -79,10 +83,11 @@ def mean(updates, *, f: int = 0, weights=None):
     """
     n, _ = _common.workers_and_f(updates, f, mean.spec)
     if weights is None:
-        return jax.tree.map(tree_util.mean_rows, updates)
+        out = jax.tree.map(tree_util.mean_rows, updates)
+        return _selection.returning(out, report, jnp.ones((n,)))
     w = _weighted(updates, weights, "mean", n)
     out = _common.cast_like(_common.weighted_mean(updates, w, jnp.sum(w)), updates)
-    return _weights.nan_if_empty(out, w)
+    return _selection.returning(_weights.nan_if_empty(out, w), report, w)
 
 
 @_spec.declare(

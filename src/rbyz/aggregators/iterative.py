@@ -18,6 +18,7 @@ from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz._src import tree as tree_util
 from rbyz.aggregators import _common
+from rbyz.aggregators import selection as _selection
 from rbyz.aggregators import _weights
 
 GEOMETRIC_MEDIAN_INITS = ("median", "mean", "zero")
@@ -39,7 +40,7 @@ def _initial_point(updates, init: str, alpha: jax.Array, weighted: bool):
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(L n d)",
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(L n d)",
     weights=True,
     reference=(
         _spec.Reference("Pillutla, Kakade, Harchaoui", "Robust aggregation for federated learning",
@@ -61,6 +62,7 @@ def geometric_median(
     nu: float = 1e-5,
     init: str = "median",
     weights: jax.Array | None = None,
+    report: bool = False,
 ):
     """Geometric median by the smoothed Weiszfeld algorithm (RFA).
 
@@ -92,9 +94,11 @@ def geometric_median(
         all-zero traced weights give NaN. Weights are trusted: with them, the promise holds for
         hostile rows holding less than half of the total weight (integer weights give the
         geometric median of the rows repeated that many times).
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -119,16 +123,20 @@ def geometric_median(
              else jnp.ones((n,), dtype))
     alpha = jnp.where(reductions.finite_rows(updates), given, 0.0)
 
-    def weiszfeld_step(_, point):
+    def weiszfeld_step(_, carry):
+        point, _ = carry
         dist = jnp.sqrt(reductions.sq_distances_to(updates, point))
         beta = jnp.where(jnp.isfinite(dist), alpha / jnp.maximum(nu, dist), 0.0)
         total = jnp.sum(beta)
         moved = _common.weighted_mean(updates, beta, jnp.where(total > 0, total, 1.0))
-        return jax.tree.map(lambda new, old: jnp.where(total > 0, new, old), moved, point)
+        return jax.tree.map(lambda new, old: jnp.where(total > 0, new, old), moved, point), beta
 
     start = _initial_point(updates, init, alpha, weighted)
-    point = _common.cast_like(jax.lax.fori_loop(0, iterations, weiszfeld_step, start), updates)
-    return _weights.nan_if_empty(point, given) if weighted else point
+    point, beta = jax.lax.fori_loop(0, iterations, weiszfeld_step, (start, alpha))
+    point = _common.cast_like(point, updates)
+    # The last Weiszfeld step's weights: output = sum_i beta_i x_i / sum_i beta_i.
+    return _selection.returning(_weights.nan_if_empty(point, given) if weighted else point,
+                                report, beta)
 
 
 def _check_center(center, updates) -> None:
@@ -142,7 +150,7 @@ def _check_center(center, updates) -> None:
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(L n d)",
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(L n d)",
     weights=True,
     state=_spec.State(arg="center", doc="the previous aggregate v_{t-1}; zeros at the start"),
     reference=_spec.Reference("Karimireddy, He, Jaggi",
@@ -153,7 +161,8 @@ def _check_center(center, updates) -> None:
          "iterations=3.",
 )
 def centered_clipping(
-    updates, *, f: int = 0, center=None, tau: float = 100.0, iterations: int = 1, weights=None
+    updates, *, f: int = 0, center=None, tau: float = 100.0, iterations: int = 1, weights=None,
+    report: bool = False,
 ):
     """Centered clipping: move the centre by the mean of the clipped differences.
 
@@ -182,9 +191,11 @@ def centered_clipping(
       weights: ``[n]`` non-negative per-worker weights, or ``None`` (equal weights). Concrete
         weights that are negative, non-finite or all zero raise ``ValueError``; traced ones
         count such entries as 0, and all-zero traced weights give NaN.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -210,10 +221,12 @@ def centered_clipping(
     finite = reductions.finite_rows(updates)
     w = None
     if weights is not None:
-        w = _weights.prepare(weights, n, "centered_clipping", reductions.accumulation_dtype(updates))
+        w = _weights.prepare(weights, n, "centered_clipping",
+                             reductions.accumulation_dtype(updates))
         total = jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1.0)
 
-    def clipping_step(_, point):
+    def clipping_step(_, carry):
+        point, _ = carry
         dist = jnp.sqrt(reductions.sq_distances_to(updates, point))
         scale = jnp.where(finite & jnp.isfinite(dist), jnp.minimum(1.0, tau / dist), 0.0)
         if w is None:
@@ -223,7 +236,11 @@ def centered_clipping(
             scale = w * scale
             pulled = _common.weighted_mean(updates, scale, total)
             kept = 1.0 - jnp.sum(scale) / total
-        return jax.tree.map(lambda p, c: p + kept.astype(p.dtype) * c, pulled, point)
+        return jax.tree.map(lambda p, c: p + kept.astype(p.dtype) * c, pulled, point), scale
 
-    out = _common.cast_like(jax.lax.fori_loop(0, iterations, clipping_step, center), updates)
-    return out if w is None else _weights.nan_if_empty(out, w)
+    start = (center, finite.astype(reductions.accumulation_dtype(updates)))
+    out, scale = jax.lax.fori_loop(0, iterations, clipping_step, start)
+    out = _common.cast_like(out, updates)
+    # The last step's clipping factors (times the weights): each row's pull on the centre.
+    return _selection.returning(out if w is None else _weights.nan_if_empty(out, w), report,
+                                scale)

@@ -17,6 +17,7 @@ from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz._src import tree as tree_util
 from rbyz.aggregators import _common
+from rbyz.aggregators import selection as _selection
 from rbyz.aggregators import _weights
 
 _BLANCHARD = _spec.Reference(
@@ -84,12 +85,13 @@ def _krum_ranking(updates, neighbours, squared: bool) -> jax.Array:
     return _krum_order(_hide(dist, nobody), neighbours, nobody)
 
 
-@_spec.declare("aggregator", coordinate_slices=True, constraint=_spec.KRUM, cost="O(n^2 d)",
+@_spec.declare("aggregator", reports=True, coordinate_slices=True, constraint=_spec.KRUM,
+               cost="O(n^2 d)",
                reference=_BLANCHARD, weights=True,
                note="weights are accepted (and validated) so that weighted pipelines can use "
                     "Krum; the selection is unweighted and one row is returned as it is.")
 def krum(updates, *, f: int, neighbours: int | None = None, squared: bool = True,
-         weights=None):
+         weights=None, report: bool = False):
     """Krum: the worker's update closest to its nearest neighbours.
 
     ``score(i) = sum_{j in N_i} ||g_i - g_j||^2`` over the ``neighbours`` nearest other rows
@@ -115,6 +117,8 @@ def krum(updates, *, f: int, neighbours: int | None = None, squared: bool = True
       squared: score with squared distances (paper) or plain Euclidean ones.
       weights: ``[n]`` non-negative per-worker weights, or ``None``; they do not change the
         output (concrete negative, non-finite or all-zero weights raise ``ValueError``).
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
       The selected worker's update (a pytree like one worker's update).
@@ -132,16 +136,19 @@ def krum(updates, *, f: int, neighbours: int | None = None, squared: bool = True
     n, _, neighbours = _krum_setup(updates, f, neighbours, krum.spec)
     if weights is not None:
         _weights.prepare(weights, n, "krum", reductions.accumulation_dtype(updates))
-    return tree_util.take_row(updates, _krum_ranking(updates, neighbours, squared)[0])
+    winner = _krum_ranking(updates, neighbours, squared)[0]
+    return _selection.returning(tree_util.take_row(updates, winner), report,
+                                jnp.zeros((n,)).at[winner].set(1.0))
 
 
-@_spec.declare("aggregator", coordinate_slices=True, constraint=_spec.KRUM, cost="O(n^2 d)",
+@_spec.declare("aggregator", reports=True, coordinate_slices=True, constraint=_spec.KRUM,
+               cost="O(n^2 d)",
                reference=_BLANCHARD, weights=True,
                note="Weighted: the selection is unweighted (ByzFL's MultiKrum does the same), "
                     "the selected rows are averaged with their weights.")
 def multi_krum(
     updates, *, f: int, m: int | None = None, neighbours: int | None = None, squared: bool = True,
-    weights=None,
+    weights=None, report: bool = False,
 ):
     """Multi-Krum: the mean of the ``m`` updates with the lowest Krum scores.
 
@@ -168,9 +175,11 @@ def multi_krum(
       weights: ``[n]`` non-negative per-worker weights, or ``None`` (equal weights). Concrete
         weights that are negative, non-finite or all zero raise ``ValueError``; traced ones
         count such entries as 0.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -190,11 +199,14 @@ def multi_krum(
     chosen = _krum_ranking(updates, neighbours, squared)[:m]
     if weights is None:
         weights = jnp.zeros((n,), jnp.float32).at[chosen].set(1.0)
-        return _common.cast_like(_common.weighted_mean(updates, weights, m), updates)
+        return _selection.returning(
+            _common.cast_like(_common.weighted_mean(updates, weights, m), updates), report,
+            weights)
     w = _weights.prepare(weights, n, "multi_krum", reductions.accumulation_dtype(updates))
     selected = jnp.zeros_like(w).at[chosen].set(w[chosen])
     out = _common.weighted_mean(updates, selected, jnp.sum(selected))
-    return _weights.nan_if_empty(_common.cast_like(out, updates), selected)
+    return _selection.returning(_weights.nan_if_empty(_common.cast_like(out, updates), selected),
+                                report, selected)
 
 
 def _iterated_krum(dist: jax.Array, f: int, count: int) -> jax.Array:

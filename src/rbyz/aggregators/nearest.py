@@ -15,6 +15,7 @@ from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz._src import tree as tree_util
 from rbyz.aggregators import _common
+from rbyz.aggregators import selection as _selection
 
 CGE_REDUCTIONS = ("mean", "sum")
 
@@ -27,7 +28,7 @@ def _nearest_mask(score: jax.Array, hostile: jax.Array, keep: int) -> jax.Array:
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(n d)",
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(n d)",
     reference=_spec.Reference(
         "Farhadkhani, Guerraoui, Gupta, Hoang, Pinot, Stephan",
         "Robust Collaborative Learning with Linear Gradient Overhead", "ICML", 2023),
@@ -35,7 +36,7 @@ def _nearest_mask(score: jax.Array, hostile: jax.Array, keep: int) -> jax.Array:
          "peer's own vector): it is not invariant to the workers' order, and a hostile pivot "
          "(outside the model) gives the mean of the n - f lowest-index non-hostile rows.",
 )
-def monna(updates, *, f: int, pivot: int = 0):
+def monna(updates, *, f: int, pivot: int = 0, report: bool = False):
     """MoNNA: the mean of the ``n - f`` rows nearest to a trusted pivot row.
 
     ``agg = (1/(n-f)) sum_{i in N_p} x_i`` with ``N_p`` the ``n - f`` rows nearest to
@@ -53,9 +54,11 @@ def monna(updates, *, f: int, pivot: int = 0):
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers, ``n > 2f``.
       pivot: index of the trusted row, ``0 <= pivot < n`` (ByzFL's ``idx``).
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -77,11 +80,12 @@ def monna(updates, *, f: int, pivot: int = 0):
     hostile = ~jnp.isfinite(reductions.row_sq_norms(updates))
     dist = jnp.where(hostile[pivot], jnp.inf, dist)
     weights = _nearest_mask(dist, hostile, n - f).astype(jnp.float32)
-    return _common.cast_like(_common.weighted_mean(updates, weights, n - f), updates)
+    return _selection.returning(
+        _common.cast_like(_common.weighted_mean(updates, weights, n - f), updates), report, weights)
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(n d)",
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY, cost="O(n d)",
     reference=(
         _spec.Reference(
             "Gupta, Liu, Vaidya",
@@ -96,7 +100,7 @@ def monna(updates, *, f: int, pivot: int = 0):
          "output composes with a server learning rate like every other rule; the paper sums "
          "the n - f kept gradients (reduction='sum').",
 )
-def cge(updates, *, f: int, reduction: str = "mean"):
+def cge(updates, *, f: int, reduction: str = "mean", report: bool = False):
     """Comparative Gradient Elimination: drop the ``f`` largest-norm rows, average the rest.
 
     ``agg = (1/(n-f)) sum_{i in S} x_i`` (``reduction="mean"``) or ``sum_{i in S} x_i``
@@ -112,9 +116,11 @@ def cge(updates, *, f: int, reduction: str = "mean"):
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers, ``n > 2f``.
       reduction: ``"mean"`` or ``"sum"`` of the kept rows.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -135,4 +141,5 @@ def cge(updates, *, f: int, reduction: str = "mean"):
     norms = reductions.row_sq_norms(updates)
     weights = _nearest_mask(norms, ~jnp.isfinite(norms), n - f).astype(jnp.float32)
     total = n - f if reduction == "mean" else 1
-    return _common.cast_like(_common.weighted_mean(updates, weights, total), updates)
+    return _selection.returning(
+        _common.cast_like(_common.weighted_mean(updates, weights, total), updates), report, weights)

@@ -29,6 +29,7 @@ from rbyz._src import distances
 from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz.aggregators import _common
+from rbyz.aggregators import selection as _selection
 
 # Above this many candidate subsets, SMEA's exhaustive search is refused: each subset costs an
 # eigendecomposition of an n x n matrix (C(25, 5) = 53,130 subsets take about a second here).
@@ -103,7 +104,7 @@ def _caf_weights(gram: jax.Array, ok: jax.Array, f: int) -> jax.Array:
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY,
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY,
     cost="O(n^2 d + f n^3)", reference=_ALLOUAH_CAF,
     note="The top eigenvector is exact (eigh of the n x n weighted centred Gram matrix) where "
          "ByzFL takes one power-method step from a random vector, which makes its CAF random "
@@ -112,7 +113,7 @@ def _caf_weights(gram: jax.Array, ok: jax.Array, f: int) -> jax.Array:
          "bounds the loop by 2f steps; ByzFL takes it over all rows, zero-weight ones included. "
          "With f = 0 the filter does not run and the result is the mean.",
 )
-def caf(updates, *, f: int):
+def caf(updates, *, f: int, report: bool = False):
     """Covariance-bound Agnostic Filter: down-weight rows along the top covariance direction.
 
     Weights ``c_i = 1``; while ``sum_i c_i > n - 2f``: ``mu_c = sum_i c_i x_i / sum_i c_i``,
@@ -134,9 +135,11 @@ def caf(updates, *, f: int):
     Args:
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers, ``n > 2f``.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -151,7 +154,8 @@ def caf(updates, *, f: int):
     n, f = _common.workers_and_f(updates, f, caf.spec)
     gram, ok = _gram(updates)
     weights = _caf_weights(gram, ok, f)
-    return _common.cast_like(_common.weighted_mean(updates, weights, jnp.sum(weights)), updates)
+    out = _common.weighted_mean(updates, weights, jnp.sum(weights))
+    return _selection.returning(_common.cast_like(out, updates), report, weights)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def _smea_method(n: int, f: int, method: str) -> str:
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY,
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY,
     cost="O(n^2 d + C(n,f) n^3) exact, O(n^2 d + f n^3) filter", reference=_ALLOUAH_TRILEMMA,
     note="method='exact' (default) is the paper's rule, searched over the C(n, f) subsets with "
          "exact eigenvalues (ByzFL: one random power step per subset) and refused above "
@@ -245,7 +249,7 @@ def _smea_method(n: int, f: int, method: str) -> str:
          "the row farthest along the top covariance direction); equal eigenvalues go to the "
          "smaller trace.",
 )
-def smea(updates, *, f: int, method: str = "exact"):
+def smea(updates, *, f: int, method: str = "exact", report: bool = False):
     """Smallest Maximum Eigenvalue Averaging: the mean of the ``n - f`` rows of least spread.
 
     ``agg = (1/(n-f)) sum_{i in S*} x_i`` with
@@ -274,9 +278,11 @@ def smea(updates, *, f: int, method: str = "exact"):
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers, ``n > 2f``.
       method: ``"exact"`` (the paper's rule), ``"filter"`` or ``"auto"``.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -293,4 +299,5 @@ def smea(updates, *, f: int, method: str = "exact"):
     n, f = _common.workers_and_f(updates, f, smea.spec)
     method = _smea_method(n, f, method)
     weights = _smea_kept(updates, f, method).astype(jnp.float32)
-    return _common.cast_like(_common.weighted_mean(updates, weights, n - f), updates)
+    return _selection.returning(
+        _common.cast_like(_common.weighted_mean(updates, weights, n - f), updates), report, weights)

@@ -21,6 +21,7 @@ from rbyz._src import reductions
 from rbyz._src import spec as _spec
 from rbyz._src import tree as tree_util
 from rbyz.aggregators import _common
+from rbyz.aggregators import selection as _selection
 
 # Above this many candidate subsets, MDA's exhaustive search is refused (compile time and memory).
 MDA_MAX_SUBSETS = 250_000
@@ -50,7 +51,7 @@ def _subset_spreads(dist: jax.Array, kept: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 @_spec.declare(
-    "aggregator", coordinate_slices=True, constraint=_spec.MAJORITY,
+    "aggregator", reports=True, coordinate_slices=True, constraint=_spec.MAJORITY,
     cost="O(C(n,f) n^2 + n^2 d)",
     reference=(
         _spec.Reference("El Mhamdi, Guerraoui, Guirguis, Hoang, Rouault",
@@ -59,7 +60,7 @@ def _subset_spreads(dist: jax.Array, kept: jax.Array) -> tuple[jax.Array, jax.Ar
                         "Mathematical Statistics and Applications", 1985),
     ),
 )
-def mda(updates, *, f: int):
+def mda(updates, *, f: int, report: bool = False):
     """Minimum-Diameter Averaging: the mean of the ``n - f`` rows with the smallest diameter.
 
     ``agg = (1/(n-f)) sum_{i in S*} g_i`` with
@@ -76,9 +77,11 @@ def mda(updates, *, f: int):
     Args:
       updates: stacked pytree, every leaf ``[n, ...]``.
       f: number of Byzantine workers, ``n > 2f``, with ``C(n, f) <= MDA_MAX_SUBSETS``.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -106,7 +109,8 @@ def mda(updates, *, f: int):
     diameters, totals = _subset_spreads(reductions.pairwise_sq_distances(updates), kept)
     best = jnp.lexsort((totals, diameters))[0]
     weights = kept[best].astype(jnp.float32)
-    return _common.cast_like(_common.weighted_mean(updates, weights, n - f), updates)
+    return _selection.returning(
+        _common.cast_like(_common.weighted_mean(updates, weights, n - f), updates), report, weights)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def _dnc_kept(sample: jax.Array, finite: jax.Array, removed: int) -> jax.Array:
 
 
 @_spec.declare(
-    "aggregator", key=True, coordinate_slices=False, constraint=_spec.MAJORITY,
+    "aggregator", reports=True, key=True, coordinate_slices=False, constraint=_spec.MAJORITY,
     cost="O(L n^2 b + n d)",
     reference=_spec.Reference(
         "Shejwalkar, Houmansadr",
@@ -164,7 +168,7 @@ def _dnc_kept(sample: jax.Array, finite: jax.Array, removed: int) -> jax.Array:
          "are kept, a case the paper leaves open.",
 )
 def dnc(updates, *, f: int, key=None, sub_dim: int = 10_000, iterations: int = 5,
-        filter_frac: float = 1.0):
+        filter_frac: float = 1.0, report: bool = False):
     """Divide-and-Conquer: filter outliers along the top singular direction of random subsamples.
 
     ``iterations`` times: draw ``sub_dim`` coordinates ``r`` at random, centre the rows' values
@@ -187,9 +191,11 @@ def dnc(updates, *, f: int, key=None, sub_dim: int = 10_000, iterations: int = 5
       sub_dim: coordinates per subsample ``b >= 1``.
       iterations: subsamples drawn, ``>= 1``.
       filter_frac: ``c``, rows removed per iteration ``floor(c f)``, with ``0 <= c f < n``.
+      report: also return the rows' :class:`~rbyz.aggregators.Selection` (which rows
+        reached the output, with what weight), computed in the same pass.
 
     Returns:
-      A pytree like one worker's update.
+      A pytree like one worker's update; with ``report=True``, ``(output, selection)``.
 
     Example:
       >>> import jax
@@ -214,7 +220,8 @@ def dnc(updates, *, f: int, key=None, sub_dim: int = 10_000, iterations: int = 5
     key = checks.as_key(key, "dnc")
     total = sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(updates))
     if total == 0:  # nothing to filter on: every leaf is empty, and so is the mean
-        return jax.tree.map(tree_util.mean_rows, updates)
+        out = jax.tree.map(tree_util.mean_rows, updates)
+        return _selection.returning(out, report, jnp.ones((n,)))
     finite = reductions.finite_rows(updates)
     kept_each = [
         _dnc_kept(_sampled_columns(updates, jax.random.fold_in(key, step), sub_dim), finite,
@@ -224,4 +231,5 @@ def dnc(updates, *, f: int, key=None, sub_dim: int = 10_000, iterations: int = 5
     kept = functools.reduce(jnp.logical_and, kept_each)
     # Different subsamples may remove every row between them: keep the first one's rows then.
     weights = jnp.where(jnp.any(kept), kept, kept_each[0]).astype(jnp.float32)
-    return _common.cast_like(_common.weighted_mean(updates, weights, jnp.sum(weights)), updates)
+    out = _common.weighted_mean(updates, weights, jnp.sum(weights))
+    return _selection.returning(_common.cast_like(out, updates), report, weights)

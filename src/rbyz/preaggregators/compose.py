@@ -122,7 +122,9 @@ def compose(*stages: Callable | str) -> Callable[..., Any]:
     if stateful:
         state = _spec.State(
             arg="state",
-            init=lambda params: tuple(declared.init(params) for declared in stateful),
+            init=lambda params: tuple(declared.init(params, bound)
+                                      for declared, bound, _ in resolved
+                                      if declared.state is not None),
             model_shaped=all(declared.state.model_shaped for declared in stateful),
             doc="; ".join(f"{declared.name}: {declared.state.doc}" for declared in stateful),
         )

@@ -167,13 +167,18 @@ class DiagnosticsConfig:
     written to ``diagnostics.csv`` in the run directory.
 
     Attributes:
-      enabled: log them (costs one reverse-mode pass through the aggregator per step).
+      enabled: log them (costs two more evaluations of the aggregator per step for the Byzantine
+        share, none for a rule that reports its selection).
       z: the multiples of the workers' standard deviation counted in the ``below_z`` columns
         (the ALIE rebuttal's ``1/2, 1, 2``).
+      fail_closed: stop the run (``rbyz.sim.diagnostics.FailClosed``) at the first step whose
+        rule rejects more rows than ``workers.f``; needs ``enabled`` and a rule that reports
+        its selection (``rbyz list``: reports), without pre-aggregators.
     """
 
     enabled: bool = False
     z: tuple[float, ...] = (0.5, 1.0, 2.0)
+    fail_closed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

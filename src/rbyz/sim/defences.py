@@ -305,13 +305,19 @@ def _build(exp: Experiment, where: Placement, plan: privacy.PrivacyPlan | None =
             _check_hparams(preaggregators.spec(name), hparams, f"defence.pre_hparams.{name}")
             pre.append(functools.partial(preaggregators.get(name), **hparams))
         _check_hparams(aggregators.spec(rule), exp.defence.hparams, "defence.hparams")
+        report = _reports(exp)
         stages = transforms.robust_stages(
             rule, optimizer=optimizer, f=f, pre=pre, attack=attack_fn, attack_on=exp.attack.on,
             momentum=exp.workers.momentum, worker_noise=private_noise[0] if private_noise else None,
             n=where.per_device(n), key=int_seed(attack_key),
-            positions=exp.attack.positions, **where.aggregation(), **exp.defence.hparams)
+            positions=exp.attack.positions, report=report, num_workers=n if report else None,
+            **where.aggregation(), **exp.defence.hparams)
         return Defence(optax.chain(*stages.transforms), "workers", n, 1, flip, stages)
 
+    if exp.diagnostics.fail_closed:
+        _fail("diagnostics.fail_closed", f"{rule} is a whole algorithm: it reports no selection "
+                                         "to fail closed on; use an aggregator that reports "
+                                         f"({', '.join(_reporting())}).")
     if rule not in ALGORITHMS:
         _fail("defence.rule", f"unknown rule {rule!r}; use an aggregator "
                               f"({', '.join(aggregators.names())}) or an algorithm "
@@ -362,6 +368,31 @@ def _build(exp: Experiment, where: Placement, plan: privacy.PrivacyPlan | None =
     if not where.sharded:
         _probe(tx, n)
     return Defence(tx, "grouped", n, r, flip)
+
+
+def _reporting() -> list[str]:
+    return [s.name for s in aggregators.specs() if s.reports]
+
+
+def _reports(exp: Experiment) -> bool:
+    """Whether the aggregation keeps its selection (diagnostics on, a reporting rule, no
+    pre-aggregators: those mix or regroup rows, so the rule's rows are no longer the workers);
+    ``diagnostics.fail_closed`` needs it."""
+    rule, pre = exp.defence.rule, exp.defence.pre
+    reports = exp.diagnostics.enabled and not pre and aggregators.spec(rule).reports
+    if exp.diagnostics.fail_closed and not reports:
+        why = ("needs diagnostics.enabled = true" if not exp.diagnostics.enabled else
+               f"needs a rule without pre-aggregators (got {list(pre)}: they mix or regroup "
+               "rows, so the rule's rows are no longer the workers)" if pre else
+               f"needs a rule that reports its selection; {rule} does not (one of "
+               f"{', '.join(_reporting())})")
+        _fail("diagnostics.fail_closed", f"{why}.")
+    if exp.diagnostics.fail_closed and rule == "krum" and exp.workers.n - 1 > exp.workers.f:
+        _fail("diagnostics.fail_closed", "krum keeps one row by construction, so it rejects "
+                                         f"n - 1 = {exp.workers.n - 1} > f = {exp.workers.f} "
+                                         "rows at every step; fail closed on a rule that keeps "
+                                         "n - f rows, e.g. multi_krum.")
+    return reports
 
 
 def _probe(tx, n: int) -> None:

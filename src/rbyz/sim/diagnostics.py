@@ -9,13 +9,20 @@ Per training step, beside the loss:
   rebuttal (``z in {1/2, 1, 2}``) to show that the variance across workers is large: "many
   gradients can change direction even with a change of only 1/2 sigma", against the assumption
   of Krum-like defences that the spread is small beside the gradient. ``coordinates`` is ``d``.
-- ``byzantine_share``: the Byzantine rows' share of the aggregate (:func:`byzantine_share`:
-  how far the output moves when the Byzantine rows move, against when all rows move; the
-  pre-aggregators included). For the selection rules it is the fraction of the selection that
+- ``byzantine_share``: the Byzantine rows' share of the aggregate. For a rule that reports its
+  selection (declared ``reports=True``, no pre-aggregators) it is the total weight the rule
+  gave the Byzantine rows, read from the same pass (:class:`rbyz.aggregators.Selection`);
+  otherwise :func:`byzantine_share` measures it (how far the output moves when the Byzantine
+  rows move, against when all rows move; the pre-aggregators included). For the selection rules it is the fraction of the selection that
   is Byzantine: for Krum 1 when it picks a Byzantine row, else 0; for Multi-Krum the Byzantine
   fraction of the ``m`` rows it averages; for Bulyan the Byzantine part of its per-coordinate
   means. ``f/n`` for the mean; ``nan`` for a rule whose output does not move with its input
   (a sign vote).
+- ``byzantine_kept`` and ``rejected``: for a reporting rule, how many Byzantine rows reached
+  the aggregate (weight > 0) and how many rows it left out; ``-1`` for the other rules. With
+  ``diagnostics.fail_closed = true`` a run stops (:class:`FailClosed`) at the first step whose
+  rule rejected more rows than the ``f`` it assumes: more workers look Byzantine than the
+  defence is built for.
 
 The Byzantine rows are the rows the attack changed in that step (a Byzantine worker that sends
 exactly its own honest update is not counted). The share is defined for the
@@ -55,7 +62,26 @@ def column(z: float) -> str:
 
 def columns(z: Sequence[float]) -> list[str]:
     """Every diagnostic column, in the order rows hold them."""
-    return [*(column(v) for v in z), "coordinates", "byzantine_share"]
+    return [*(column(v) for v in z), "coordinates", "byzantine_share", "byzantine_kept",
+            "rejected"]
+
+
+class FailClosed(RuntimeError):
+    """A step's rule rejected more rows than the ``f`` it assumes (``diagnostics.fail_closed``).
+
+    Attributes:
+      step: the first such step (1-based).
+      rejected: how many rows the rule left out there.
+      f: the number of Byzantine workers assumed.
+    """
+
+    def __init__(self, step: int, rejected: int, f: int, rule: str):
+        self.step, self.rejected, self.f = step, rejected, f
+        super().__init__(
+            f"fail closed: at step {step} {rule} rejected {rejected} rows, more than the f={f} "
+            "Byzantine workers the run assumes; the run stopped before saving that chunk (the "
+            "last checkpoint holds the state before it). Raise workers.f if more workers may "
+            "be faulty, or set diagnostics.fail_closed = false to log and go on.")
 
 
 def _rows(leaf: jax.Array) -> jax.Array:
@@ -137,27 +163,39 @@ def inspected_update(stages: Stages, updates, state: tuple, params):
     """``optax.chain(*stages.transforms).update`` run part by part, looking inside.
 
     Returns:
-      ``(updates, state, byzantine_share)``: the chain's output and new state (the same
-      computation as the chain's), and :func:`byzantine_share` of the aggregation for this
-      step, the Byzantine rows being those the attack changed.
+      ``(updates, state, detection)``: the chain's output and new state (the same
+      computation as the chain's), and a dict for this step, the Byzantine rows being those
+      the attack changed: ``byzantine_share`` (float32), ``byzantine_kept`` and ``rejected``
+      (int32, ``-1`` unless the aggregation reports its selection). A reporting aggregation
+      (``AggregateState.selection``) gives all three from its own pass; otherwise the share is
+      :func:`byzantine_share`'s.
     """
     states = list(state)
     x = updates
     byzantine = None
-    share = None
+    detection = None
     for i, tx in enumerate(stages.transforms):
         if i == stages.aggregate:
             if byzantine is None:
                 byzantine = jnp.zeros(jax.tree.leaves(x)[0].shape[:1], bool)
+            if getattr(states[i], "selection", None) is not None:
+                x, states[i] = tx.update(x, states[i], params)
+                selection = states[i].selection
+                detection = {"byzantine_share": selection.weight_of(byzantine),
+                             "byzantine_kept": selection.kept_among(byzantine),
+                             "rejected": selection.rejected()}
+                continue
             x, states[i], share = byzantine_share(
                 lambda u, s=states[i], t=tx: t.update(u, s, params), x, byzantine)
+            detection = {"byzantine_share": share, "byzantine_kept": jnp.int32(-1),
+                         "rejected": jnp.int32(-1)}
             continue
         before = x
         x, states[i] = tx.update(x, states[i], params)
         if i == stages.attack:
             byzantine = changed_rows(before, x)
-    return x, tuple(states), share
+    return x, tuple(states), detection
 
 
-__all__ = ("Z", "byzantine_share", "changed_rows", "column", "columns", "coordinates_below",
-           "inspected_update")
+__all__ = ("FailClosed", "Z", "byzantine_share", "changed_rows", "column", "columns",
+           "coordinates_below", "inspected_update")

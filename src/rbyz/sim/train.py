@@ -255,12 +255,14 @@ def make_step(exp: Experiment, t: Task) -> Callable:
             losses, grads = grads_lib.per_worker_grads(loss_fn, where.local(state.params), x, y)
         metrics = {}
         if inspect and d.stages is not None:
-            updates, opt_state, metrics["byzantine_share"] = diagnostics_lib.inspected_update(
+            updates, opt_state, detection = diagnostics_lib.inspected_update(
                 d.stages, grads, state.opt_state, state.params)
+            metrics.update(detection)
         else:
             updates, opt_state = d.tx.update(grads, state.opt_state, state.params)
             if inspect:
-                metrics["byzantine_share"] = jnp.float32(np.nan)
+                metrics.update(byzantine_share=jnp.float32(np.nan),
+                               byzantine_kept=jnp.int32(-1), rejected=jnp.int32(-1))
         if inspect:
             metrics["below_z"] = diagnostics_lib.coordinates_below(grads, exp.diagnostics.z)
         params = optax.apply_updates(state.params, updates)
@@ -413,6 +415,7 @@ def train(exp: Experiment, *, model: models_lib.Model | None = None,
             rows[-1]["epsilon"] = t.privacy.epsilon(point)
         if exp.diagnostics.enabled:
             diagnostic_rows += _diagnostic_rows(exp, previous, metrics, run, t)
+            _fail_closed(exp, previous, metrics)
         if store is not None:
             store.save(state, rows, diagnostics=diagnostic_rows, final=point == exp.train.steps,
                        checkpoint=(exp.train.checkpoint_every > 0
@@ -438,9 +441,24 @@ def _diagnostic_rows(exp: Experiment, first: int, metrics: dict, run: str, t: Ta
         for key in ("test_loss", "wall_s"):
             del base[key]
         base.update({c: int(v) for c, v in zip(z_columns, host["below_z"][i])})
-        base.update(coordinates=coordinates, byzantine_share=float(host["byzantine_share"][i]))
+        base.update(coordinates=coordinates, byzantine_share=float(host["byzantine_share"][i]),
+                    byzantine_kept=int(host["byzantine_kept"][i]),
+                    rejected=int(host["rejected"][i]))
         out.append(base)
     return out
+
+
+def _fail_closed(exp: Experiment, first: int, metrics: dict) -> None:
+    """Raises :class:`rbyz.sim.diagnostics.FailClosed` at the chunk's first step whose rule
+    rejected more rows than ``f``, when ``diagnostics.fail_closed``."""
+    if not exp.diagnostics.fail_closed:
+        return
+    rejected = np.asarray(jax.device_get(metrics["rejected"]))
+    over = np.flatnonzero(rejected > exp.workers.f)
+    if over.size:
+        i = int(over[0])
+        raise diagnostics_lib.FailClosed(first + i + 1, int(rejected[i]), exp.workers.f,
+                                         exp.defence.rule)
 
 
 def _progress_bar(progress, exp: Experiment, done: int) -> Callable:

@@ -12,6 +12,7 @@ from rbyz import distributed
 from rbyz._src import checks
 from rbyz._src import reductions
 from rbyz._src import spec as _spec
+from rbyz.aggregators.selection import Selection
 from rbyz.transforms import _modes
 
 LAYOUTS = ("gather", "coordinates")
@@ -26,11 +27,15 @@ class AggregateState(NamedTuple):
         ``None``.
       rule_state: the rule's declared state (``spec.init(params)``; centered clipping: the
         previous aggregate), else ``None``.
+      selection: with ``report=True``, the last step's
+        :class:`~rbyz.aggregators.Selection` (each worker's weight in the aggregate; zeros
+        before the first step), else ``None``.
     """
 
     count: jax.Array
     key: jax.Array | None
     rule_state: Any
+    selection: Any = None
 
 
 def _check_layout(layout: str, declared: _spec.Spec, axis_name: str | None) -> None:
@@ -74,6 +79,8 @@ def aggregate(
     tiled: bool = False,
     layout: str = "gather",
     key=None,
+    report: bool = False,
+    num_workers: int | None = None,
     **hparams,
 ) -> optax.GradientTransformationExtraArgs:
     """Aggregates the workers' updates with a (robust) rule: ``u = rule([u_1; ...; u_n])``.
@@ -108,6 +115,13 @@ def aggregate(
         (a ``psum`` of ``[n]`` or ``[n, n]`` values), so every shard selects and weights alike;
         the slices are joined (``all_gather``). For rules declared ``coordinate_slices=True``.
       key: int seed or jax key, required for rules that declare one, refused otherwise.
+      report: keep each step's :class:`~rbyz.aggregators.Selection` (which workers' updates
+        reached the aggregate, with what weight; computed by the rule in the same pass) in
+        ``AggregateState.selection``, read with ``optax.tree_utils.tree_get(state,
+        "selection")``. For rules declared ``reports=True`` (``rbyz list``); needs
+        ``num_workers``.
+      num_workers: the total number of workers ``n`` (the state is sized at ``init``); only
+        with ``report=True``.
       **hparams: the rule's hyperparameters (``f=...``, ``tau=...``, ...).
 
     Per-worker weights (e.g. the workers' data sizes) are a per-step input:
@@ -151,11 +165,14 @@ def aggregate(
         raise ValueError(f"aggregate: rule {declared.name} takes no key; drop key={key!r}.")
     key_data = _modes.key_data(key, "aggregate") if declared.key else None
     _check_layout(layout, declared, axis_name)
+    _check_report(report, num_workers, declared)
     shapes = _modes.ParamShapes()
 
     def init_fn(params):
         shapes.record(params)
-        return AggregateState(jnp.zeros([], jnp.int32), key_data, declared.init(params))
+        selection = (Selection(jnp.zeros((num_workers,), jnp.float32)) if report else None)
+        return AggregateState(jnp.zeros([], jnp.int32), key_data, declared.init(params, hparams),
+                              selection)
 
     def update_fn(updates, state, params=None, *, weights=None, **extra_args):
         del extra_args
@@ -166,18 +183,39 @@ def aggregate(
         next_key, step_key = (None, None) if state.key is None else _modes.split(state.key)
         if layout == "coordinates":
             _modes.check_shard(updates, shapes.of(params), tiled, "aggregate")
-            out, rule_state = _aggregate_coordinates(
+            out, rule_state, selection = _aggregate_coordinates(
                 declared, updates, state.rule_state, step_key, hparams, axis_name, tiled,
-                weights)
+                weights, report)
         else:
             stacked = _modes.gathered(updates, shapes.of(params), axis_name, tiled, "aggregate")
-            out, rule_state = declared.apply(stacked, state.rule_state, step_key, hparams,
-                                             weights=weights)
+            out, rule_state, *selection = declared.apply(
+                stacked, state.rule_state, step_key, hparams, weights=weights, report=report)
+            selection = selection[0] if report else None
         if state.rule_state is not None:
             rule_state = _cast_like(rule_state, state.rule_state)
-        return out, AggregateState(optax.safe_increment(state.count), next_key, rule_state)
+        if report and selection.weights.shape != (num_workers,):
+            raise ValueError(
+                f"aggregate: report=True with num_workers={num_workers}, but {declared.name} "
+                f"aggregated {selection.weights.shape[0]} rows; pass num_workers=n, the number "
+                "of rows the rule sees.")
+        return out, AggregateState(optax.safe_increment(state.count), next_key, rule_state,
+                                   selection)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_report(report: bool, num_workers, declared: _spec.Spec) -> None:
+    if not report:
+        checks.require(num_workers is None, "aggregate",
+                       f"num_workers={num_workers!r} only sizes the selection that report=True "
+                       "keeps; pass report=True, or drop num_workers.")
+        return
+    if not declared.reports:
+        raise ValueError(_spec.report_refused(declared.name, "aggregate"))
+    checks.require(num_workers is not None, "aggregate",
+                   f"report=True keeps one weight per worker in the state, which is sized at "
+                   f"init: pass num_workers=n (the rows {declared.name} aggregates).")
+    checks.static_int(num_workers, "aggregate", "num_workers", minimum=1)
 
 
 def _gathered_weights(weights, axis_name: str | None, tiled: bool) -> jax.Array:
@@ -200,7 +238,7 @@ def _like(tree):
 
 
 def _aggregate_coordinates(declared, updates, rule_state, key, hparams, axis_name, tiled,
-                           weights=None):
+                           weights=None, report=False):
     """The rule on this shard's slice of the coordinates (sums over coordinates completed over
     the axis), the slices of the output and of the state joined again."""
     like = jax.tree.map(
@@ -210,11 +248,15 @@ def _aggregate_coordinates(declared, updates, rule_state, key, hparams, axis_nam
     if rule_state is not None:
         own_state = distributed.slice_coordinates(rule_state, axis_name)
     with reductions.sharded(axis_name):
-        part, new_part = declared.apply(stacked, own_state, key, hparams, weights=weights)
+        part, new_part, *selection = declared.apply(stacked, own_state, key, hparams,
+                                                    weights=weights, report=report)
+    # Whole-update norms and distances are summed over the shards: every shard selects alike.
+    selection = selection[0] if report else None
     out = distributed.gather_coordinates(part, like, axis_name)
     if rule_state is None:
-        return out, None
-    return out, distributed.gather_coordinates(new_part, _like(rule_state), axis_name)
+        return out, None, selection
+    return (out, distributed.gather_coordinates(new_part, _like(rule_state), axis_name),
+            selection)
 
 
 def majority_vote(

@@ -171,10 +171,13 @@ def robust_stages(
     axis_name: str | None = None,
     tiled: bool = False,
     layout: str = "gather",
+    report: bool = False,
+    num_workers: int | None = None,
     **hparams,
 ) -> Stages:
     """The transforms of :func:`robust` in their order, with where the attack and the
-    aggregation sit (:class:`Stages`). Same arguments and checks as :func:`robust`.
+    aggregation sit (:class:`Stages`). Same arguments and checks as :func:`robust`, and
+    ``report`` / ``num_workers`` for :func:`aggregate` (keep the rule's selection in its state).
 
     Example:
       >>> import optax
@@ -223,6 +226,6 @@ def robust_stages(
     parts += [tx for tx in order if tx is not None]
     attack_at = parts.index(attack_tx) if attack_tx is not None else None
     parts.append(aggregate(combined, axis_name=axis_name, tiled=tiled, layout=layout,
-                           key=rule_key))
+                           key=rule_key, report=report, num_workers=num_workers))
     parts.append(optimizer)
     return Stages(tuple(parts), attack_at, len(parts) - 2)
