@@ -225,6 +225,9 @@ def load_byzfl():
 
 # ByzFL's MDA loops in Python over all C(n, f) subsets; beyond this many it is not timed.
 BYZFL_MDA_MAX_SUBSETS = 60_000
+# ByzFL's SMEA runs a power iteration over d coordinates per subset: beyond this many subsets
+# (C(10, 2) = 45 is timed, C(25, 5) = 53130 would take hours at d = 1e6) it is not timed.
+BYZFL_SMEA_MAX_SUBSETS = 1_000
 
 
 def byzfl_rules(modules, f: int, n: int) -> dict[str, Callable]:
@@ -250,6 +253,20 @@ def byzfl_rules(modules, f: int, n: int) -> dict[str, Callable]:
     }
     if math.comb(n, f) <= BYZFL_MDA_MAX_SUBSETS:
         rules["mda"] = aggregators.MDA(f=f)
+    # The rules added with the catalogue (issue 14), where ByzFL has them: MoNNA around worker 0
+    # (rbyz's pivot=0), CAF (ByzFL: one power iteration from a random vector per round; rbyz
+    # the exact top eigenvalue), SMEA (both exact over the subsets), clipping at norm 1.
+    if hasattr(aggregators, "MoNNA"):
+        rules["monna"] = aggregators.MoNNA(f=f, idx=0)
+    if hasattr(aggregators, "CAF"):
+        rules["caf"] = aggregators.CAF(f=f)
+    if hasattr(aggregators, "SMEA") and math.comb(n, f) <= BYZFL_SMEA_MAX_SUBSETS:
+        rules["smea"] = aggregators.SMEA(f=f)
+    if hasattr(preaggregators, "Clipping"):
+        # Like ARC, Clipping writes into its input: the copy is timed too (rbyz allocates its
+        # output, which at d = 1e6 costs more than the norms).
+        clipping = preaggregators.Clipping(c=1.0)
+        rules["pre:clip"] = lambda x: clipping(x.clone())
     return rules
 
 
@@ -286,13 +303,22 @@ def rbyz_rules(x, f: int) -> dict[str, tuple[Callable, int]]:
     return rules
 
 
-def bench_size(n, d, f, *, repeats, byzfl, estimates, extra_bulyan_f=None) -> list[Row]:
+def bench_size(n, d, f, *, repeats, byzfl, estimates, extra_bulyan_f=None,
+               only=()) -> list[Row]:
     x = jax.random.normal(jax.random.key(n * 7919 + d), (n, d), jnp.float32)
-    x_torch = None
+    x_torch, wait = None, (lambda out: out)
     if byzfl is not None:
         import torch
 
         x_torch = torch.from_numpy(np.array(x))
+        if jax.default_backend() == "gpu" and torch.cuda.is_available():
+            # On a GPU, ByzFL runs on it too (its ops follow the tensor's device); its calls
+            # are timed up to torch.cuda.synchronize(), as rbyz's up to block_until_ready.
+            x_torch = x_torch.cuda()
+
+            def wait(out):
+                torch.cuda.synchronize()
+                return out
     out = []
     rules = rbyz_rules(x, f)
     if extra_bulyan_f is not None and "bulyan" in agg.names():
@@ -300,6 +326,8 @@ def bench_size(n, d, f, *, repeats, byzfl, estimates, extra_bulyan_f=None) -> li
             jax.jit(functools.partial(agg.bulyan, f=extra_bulyan_f)), extra_bulyan_f)
     for name, (fn, f_rule) in rules.items():
         base = name.split(" ")[0]
+        if only and base not in only:
+            continue
         calls = {"rbyz": functools.partial(fn, x)}
         naive = naive_rules(f_rule).get(base)
         estimate = estimates.get((n, base))
@@ -307,7 +335,8 @@ def bench_size(n, d, f, *, repeats, byzfl, estimates, extra_bulyan_f=None) -> li
         if naive is not None and not skipped:
             calls["naive"] = functools.partial(jax.jit(naive), x)
         if byzfl is not None and base in byzfl_rules(byzfl, f_rule, n):
-            calls["byzfl"] = functools.partial(byzfl_rules(byzfl, f_rule, n)[base], x_torch)
+            theirs = byzfl_rules(byzfl, f_rule, n)[base]
+            calls["byzfl"] = lambda theirs=theirs: wait(theirs(x_torch))
         timed = time_together(calls, repeats=repeats)
         seconds, note = timed["rbyz"]
         row = Row(n, d, f_rule, name, seconds, note=note)
@@ -374,6 +403,12 @@ def targets(rows: list[Row]) -> list[str]:
         speedup = r.byzfl / r.seconds if r and r.byzfl else None
         check(f"{rule} >= 3x faster than ByzFL at n=25, d=1e6 (got "
               f"{speedup and round(speedup, 1)}x)", None if speedup is None else speedup >= 3)
+    # Issue 14: no rule added with the catalogue slower than its peer at n = 25, d = 1e6.
+    for rule in ("monna", "caf", "smea", "pre:clip"):
+        r = find(rule, 25, 10**6)
+        speedup = r.byzfl / r.seconds if r and r.byzfl else None
+        check(f"{rule} not slower than ByzFL at n=25, d=1e6 (got "
+              f"{speedup and round(speedup, 1)}x)", None if speedup is None else speedup >= 1)
     bulyan, krum = find("bulyan (f=12)", 51, 10**6), find("krum", 51, 10**6)
     ratio = bulyan.seconds / krum.seconds if bulyan and krum else None
     check(f"bulyan (n=51, f=12, d=1e6) < 10x krum at the same size (got "
@@ -395,6 +430,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per rule (5)")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     parser.add_argument("--no-byzfl", action="store_true", help="do not time ByzFL")
+    parser.add_argument("--rules", nargs="+", default=(),
+                        help="time only these (e.g. mean caf smea pre:clip); default all")
     args = parser.parse_args(argv)
 
     gpu = jax.default_backend() != "cpu"
@@ -402,6 +439,12 @@ def main(argv=None):
     ds = [int(d) for d in (args.d or ([1e5] if args.quick else [1e5, 1e6] + [1e7] * gpu))]
     repeats = args.repeats or (3 if args.quick else 5)
     byzfl, byzfl_note = (None, "ByzFL skipped (--no-byzfl)") if args.no_byzfl else load_byzfl()
+    if byzfl is not None:
+        import torch
+
+        on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+        byzfl_note += (f"; torch {torch.__version__} on "
+                       f"{torch.cuda.get_device_name(0) if on_gpu else 'the CPU'}")
     print(machine())
     print(f"ByzFL: {byzfl_note}", flush=True)
 
@@ -409,7 +452,7 @@ def main(argv=None):
     for d in sorted(ds):
         for n in ns:
             rows += bench_size(n, d, n // 5, repeats=repeats, byzfl=byzfl, estimates=estimates,
-                               extra_bulyan_f=12 if n == 51 else None)
+                               extra_bulyan_f=12 if n == 51 else None, only=set(args.rules))
     report = "\n".join([
         "# rbyz aggregator benchmark", "", f"Machine: {machine()}", "",
         f"ByzFL: {byzfl_note}", "",
