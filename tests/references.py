@@ -13,6 +13,7 @@ import math
 import jax
 import numpy as np
 from references_clustering import REFERENCES_CLUSTERING
+from references_layerwise import REFERENCES_LAYERWISE
 
 import references_spectral
 
@@ -201,9 +202,10 @@ def ref_sign_majority(x, zero_sign=0):
 #
 # REFERENCES[name](x, f, state) -> float64 [D]: ``x`` the float64 [n, D] matrix of the ravelled
 # updates, ``f`` the Byzantine count, ``state`` the ravelled state the rule declares (centered
-# clipping's centre) or None. The registry-driven tests (tests/test_aggregator_properties.py)
-# fail for a registered aggregator that has no entry here. DnC's entry holds when every
-# coordinate is in the subsample (D <= sub_dim, the default 10 000).
+# clipping's centre [D]; FoolsGold's history, one row per worker, [n, D]) or None. The
+# registry-driven tests (tests/test_aggregator_properties.py) fail for a registered aggregator
+# that has no entry here. DnC's entry holds when every coordinate is in the subsample
+# (D <= sub_dim, the default 10 000).
 
 @contextlib.contextmanager
 def float64():
@@ -220,8 +222,11 @@ REFERENCES = {
     "cge": lambda x, f, state: references_spectral.ref_cge(x, f),
     "dnc": lambda x, f, state: ref_dnc(x, f),
     "flame": REFERENCES_CLUSTERING["flame"],
+    "foolsgold": REFERENCES_LAYERWISE["foolsgold"],
+    "gas": REFERENCES_LAYERWISE["gas"],
     "geometric_median": lambda x, f, state: ref_geometric_median(x),
     "krum": lambda x, f, state: ref_krum(x, f),
+    "lasa": REFERENCES_LAYERWISE["lasa"],
     "mda": lambda x, f, state: ref_mda(x, f),
     "meamed": lambda x, f, state: ref_meamed(x, f),
     "mean": lambda x, f, state: ref_mean(x),

@@ -4,7 +4,8 @@ Nothing here names a rule. Each test runs over ``rbyz.aggregators.names()`` and 
 needs from the rule's spec: ``f`` is the largest the declared constraint admits at the chosen
 ``n`` (at most ``(n - 1) // 2``, so that ``f`` hostile rows leave an honest majority), the other
 hyperparameters are the declared defaults, a key is passed iff the spec says so, and state only
-flows through ``spec.init`` / ``spec.apply``. A newly registered rule is tested by registering
+flows through ``spec.init`` / ``spec.apply``; a state with one row per worker (``state.rows``)
+has that hyperparameter set to the number of rows. A newly registered rule is tested by registering
 it, and fails here until it has a float64 reference in ``tests/references.py`` (``REFERENCES``).
 """
 
@@ -49,6 +50,31 @@ def needs_honest_majority(declared) -> bool:
     return not declared.constraint.holds(2, 1)
 
 
+def sized(declared, n: int = N) -> dict:
+    """``{state.rows: n}`` for a state with one row per worker (sized by that hyperparameter,
+    for ``check_hparams`` and ``init``), else ``{}``."""
+    rows = declared.state.rows if declared.state is not None else None
+    return {rows: n} if rows else {}
+
+
+def hparams_for(declared, f: int, n: int = N) -> dict:
+    """The declared defaults with ``f`` and, for a state with one row per worker, ``n``."""
+    return declared.check_hparams({"f": f, **sized(declared, n)}, "tests")
+
+
+def init_for(declared, params, n: int = N):
+    """``spec.init`` from one worker's ``params`` (sized for ``n`` rows where it keeps rows)."""
+    return declared.init(params, sized(declared, n))
+
+
+def ravel_state(declared, state) -> np.ndarray | None:
+    """The state as the float64 references take it: ``[n, D]`` for one row per worker (its
+    leaves are ``[n, ...]``), ``[D]`` for a model-shaped one."""
+    if state is None:
+        return None
+    return ravel(state) if sized(declared) else ravel_row(state)
+
+
 TRACES = collections.Counter()
 
 
@@ -57,10 +83,11 @@ def signature(tree):
 
 
 @functools.cache
-def compiled(name: str, f: int):
-    """``jit(spec.apply)`` at the declared defaults and ``f``; counts its traces."""
+def compiled(name: str, f: int, n: int = N):
+    """``jit(spec.apply)`` at the declared defaults and ``f`` (for ``n`` rows); counts its
+    traces."""
     declared = agg.spec(name)
-    hparams = declared.check_hparams({"f": f}, "tests")
+    hparams = hparams_for(declared, f, n)
 
     def apply(updates, state, key):
         TRACES[(name, f, signature(updates))] += 1
@@ -81,8 +108,9 @@ def run(name: str, updates, *, f: int | None = None, seed: int = 0, state=None):
     """One step of the rule on ``updates`` from its initial state (or ``state``)."""
     declared = agg.spec(name)
     f = largest_f(declared) if f is None else f
-    state = declared.init(one_row(updates)) if state is None else state
-    return compiled(name, f)(updates, state, key_for(declared, seed))
+    n = jax.tree.leaves(updates)[0].shape[0]
+    state = init_for(declared, one_row(updates), n) if state is None else state
+    return compiled(name, f, n)(updates, state, key_for(declared, seed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,10 +183,10 @@ def test_float64_matches_float64_reference(name, scale):
     rng = np.random.default_rng(7)
     with float64():
         updates = make_tree(rng, dtype=jnp.float64, scale=scale)
-        state = declared.init(one_row(updates))
-        for step in range(2):  # a stateful rule's second step starts from its first output
+        state = init_for(declared, one_row(updates))
+        for step in range(2):  # a stateful rule's second step starts from its first state
             x = ravel(updates)
-            want = REFERENCES[name](x, f, None if state is None else ravel_row(state))
+            want = REFERENCES[name](x, f, ravel_state(declared, state))
             out, state = run(name, updates, f=f, seed=step, state=state)
             check_structure_and_dtype(out, updates)
             np.testing.assert_allclose(ravel_row(out), want, rtol=1e-12,
@@ -183,8 +211,10 @@ def test_permutation_invariance(name, seed):
     out, _ = run(name, updates)
     shuffled, _ = run(name, jax.tree.map(lambda leaf: leaf[order], updates))
     check_structure_and_dtype(out, updates)
-    # Sums in another order may round differently; random data has no score ties.
-    chex.assert_trees_all_close(out, shuffled, rtol=1e-5, atol=1e-6)
+    # Sums in another order may round differently; random data has no score ties. CAF iterates
+    # its filter on covariance sums, which compounds that rounding over its iterations.
+    atol = 1e-5 if name == "caf" else 1e-6
+    chex.assert_trees_all_close(out, shuffled, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -250,10 +280,10 @@ def test_jit_traces_once_per_shape(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_a_batch_of_problems(name):
     declared = agg.spec(name)
-    hparams = declared.check_hparams({"f": largest_f(declared)}, "tests")
+    hparams = hparams_for(declared, largest_f(declared))
     batch = make_tree(np.random.default_rng(5))
     batch = jax.tree.map(lambda leaf: jnp.stack([leaf, 2.0 * leaf[::-1] + 1.0]), batch)
-    state = declared.init(jax.tree.map(lambda leaf: leaf[0, 0], batch))
+    state = init_for(declared, jax.tree.map(lambda leaf: leaf[0, 0], batch))
 
     def one(updates):
         return declared.apply(updates, state, key_for(declared), hparams)[0]
@@ -268,14 +298,14 @@ def test_vmap_over_a_batch_of_problems(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_pytrees_raise_naming_the_rule(name):
     declared = agg.spec(name)
-    hparams = declared.check_hparams({"f": largest_f(declared)}, "tests")
+    hparams = hparams_for(declared, largest_f(declared))
     key = key_for(declared)
     mismatched = {"a": jnp.zeros((N, 3)), "b": jnp.zeros((N + 1, 3))}
     with pytest.raises(ValueError, match=f"{name}: leaves disagree on the worker count"):
-        declared.apply(mismatched, declared.init({"a": jnp.zeros(3), "b": jnp.zeros(3)}), key,
-                       hparams)
+        declared.apply(mismatched, init_for(declared, {"a": jnp.zeros(3), "b": jnp.zeros(3)}),
+                       key, hparams)
     with pytest.raises(ValueError, match=f"{name}: got an empty pytree"):
-        declared.apply({}, declared.init({}), key, hparams)
+        declared.apply({}, init_for(declared, {}), key, hparams)
 
 
 class EmptyLeavesTest(chex.TestCase):
@@ -285,11 +315,12 @@ class EmptyLeavesTest(chex.TestCase):
     @parameterized.named_parameters(*((name, name) for name in NAMES))
     def test_empty_leaves(self, name):
         declared = agg.spec(name)
-        hparams = declared.check_hparams({"f": largest_f(declared)}, "tests")
+        hparams = hparams_for(declared, largest_f(declared))
 
         @self.variant
         def aggregate(updates, key):
-            return declared.apply(updates, declared.init(one_row(updates)), key, hparams)[0]
+            return declared.apply(updates, init_for(declared, one_row(updates)), key,
+                                  hparams)[0]
 
         key = key_for(declared)
         w = make_tree(np.random.default_rng(6))["w"]

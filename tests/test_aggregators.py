@@ -253,8 +253,9 @@ def test_sign_majority_nan_abstains():
 def test_registry_round_trip():
     expected = {
         "bulyan", "caf", "centered_clipping", "cge", "clipped_clustering", "dnc", "flame",
-        "geometric_median", "krum", "mda", "meamed", "mean", "median", "monna", "multi_krum",
-        "phocas", "sign_majority", "signguard", "smea", "trimmed_mean",
+        "foolsgold", "gas", "geometric_median", "krum", "lasa", "mda", "meamed", "mean",
+        "median", "monna", "multi_krum", "phocas", "sign_majority", "signguard", "smea",
+        "trimmed_mean",
     }
     assert set(agg.names()) == expected
     assert list(agg.names()) == sorted(expected)
@@ -395,10 +396,14 @@ def test_centered_clipping_state_is_the_previous_aggregate():
         center = by_hand
 
 
-def test_randomised_rules_need_a_key_and_only_centered_clipping_keeps_state():
-    assert [s.name for s in agg.specs() if s.key] == ["dnc", "flame", "signguard"]
-    assert [s.name for s in agg.specs() if s.state] == ["centered_clipping"]
+def test_randomised_rules_need_a_key_and_only_two_rules_keep_state():
+    assert [s.name for s in agg.specs() if s.key] == ["dnc", "flame", "gas", "signguard"]
+    assert [s.name for s in agg.specs() if s.state] == ["centered_clipping", "foolsgold"]
     assert agg.spec("centered_clipping").state.arg == "center"
+    # FoolsGold's history has one row per worker: sized by num_clients, not model-shaped.
+    history = agg.spec("foolsgold").state
+    assert (history.arg, history.rows, history.model_shaped) == ("history", "num_clients",
+                                                                 False)
 
 
 def test_a_users_declared_rule_runs_on_coordinate_slices_and_a_plain_one_does_not():

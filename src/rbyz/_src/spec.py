@@ -182,7 +182,10 @@ class Spec:
         those rows unless told otherwise.
       note: where a default differs from the paper, which source it follows and why.
       declared: ``False`` for the default spec of an undeclared function.
-      applier: a custom ``apply`` (compositions); ``None`` uses the function.
+      applier: a custom ``apply`` (compositions, FoolsGold), ``applier(updates, state, key,
+        hparams) -> (output, new_state)``; a rule declared ``reports=True`` also takes
+        ``report=True`` and then returns ``(output, new_state, selection)``. ``None`` uses the
+        function.
     """
 
     name: str
@@ -299,6 +302,9 @@ class Spec:
         if report and not self.reports:
             raise ValueError(report_refused(self.name, "apply"))
         if self.applier is not None:
+            # A custom apply of a reporting rule takes report=True and returns the selection.
+            if report:
+                return self.applier(updates, state, key, hparams, report=True)
             return self.applier(updates, state, key, hparams)
         kwargs = dict(hparams)
         if self.key:

@@ -23,7 +23,8 @@ then select or weight rows leaf by leaf: the model is never ravelled into one ve
 Modules: ``coordinatewise`` (mean, median, trimmed mean, MeaMed), ``krum`` (Krum, Multi-Krum,
 Bulyan), ``subsets`` (MDA, DnC), ``iterative`` (geometric median, centered clipping), ``sign``
 (majority vote of signs), ``clustering`` (clipped clustering, SignGuard, FLAME), ``spectral``
-(CAF, SMEA), ``nearest`` (MoNNA, CGE).
+(CAF, SMEA), ``nearest`` (MoNNA, CGE), ``history`` (FoolsGold, which keeps each worker's summed
+updates), ``layerwise`` (LASA per layer, GAS per chunk of coordinates).
 
 Example:
   >>> import jax
@@ -54,6 +55,7 @@ from rbyz.aggregators.coordinatewise import meamed as meamed
 from rbyz.aggregators.coordinatewise import median as median
 from rbyz.aggregators.coordinatewise import phocas as phocas
 from rbyz.aggregators.coordinatewise import trimmed_mean as trimmed_mean
+from rbyz.aggregators.history import foolsgold as foolsgold
 from rbyz.aggregators.iterative import GEOMETRIC_MEDIAN_INITS as GEOMETRIC_MEDIAN_INITS
 from rbyz.aggregators.hierarchical import Stage2 as Stage2
 from rbyz.aggregators.hierarchical import hierarchical as hierarchical
@@ -63,6 +65,8 @@ from rbyz.aggregators.iterative import geometric_median as geometric_median
 from rbyz.aggregators.krum import bulyan as bulyan
 from rbyz.aggregators.krum import krum as krum
 from rbyz.aggregators.krum import multi_krum as multi_krum
+from rbyz.aggregators.layerwise import gas as gas
+from rbyz.aggregators.layerwise import lasa as lasa
 from rbyz.aggregators.nearest import cge as cge
 from rbyz.aggregators.nearest import monna as monna
 from rbyz.aggregators.selection import Selection as Selection
@@ -91,10 +95,13 @@ __all__ = (
     "declare",
     "dnc",
     "flame",
+    "foolsgold",
+    "gas",
     "geometric_median",
     "get",
     "hierarchical",
     "krum",
+    "lasa",
     "mda",
     "mean",
     "meamed",

@@ -163,6 +163,39 @@ def _target(exp: Experiment, name):
     return _with_f(aggregators.get(name), f, {})
 
 
+def _rows_aggregated(exp: Experiment) -> int:
+    """The rows the rule aggregates: ``workers.n``, or what the pre-aggregators leave of them
+    (each stage's declared ``rows_out``, e.g. bucketing's ``ceil(n / s)``)."""
+    rows = exp.workers.n
+    for name in exp.defence.pre:
+        declared = preaggregators.spec(name)
+        given = dict(exp.defence.pre_hparams.get(name, {}))
+        if "f" in (declared.hparams or {}):
+            given.setdefault("f", exp.workers.f)
+        rows = declared.output_rows(rows, declared.check_hparams(
+            given, f"config: defence.pre_hparams.{name}", complete=False))
+    return rows
+
+
+def _rule_hparams(exp: Experiment) -> dict:
+    """``defence.hparams``, with the hyperparameter that sizes a state kept one row per
+    aggregated row (FoolsGold's ``num_clients``) set to those rows: given by hand, it must be
+    that number."""
+    hparams = dict(exp.defence.hparams)
+    state = aggregators.spec(exp.defence.rule).state
+    if state is None or state.rows is None:
+        return hparams
+    rows = _rows_aggregated(exp)
+    given = hparams.setdefault(state.rows, rows)
+    if isinstance(given, bool) or given != rows:
+        after = (f" after defence.pre = {list(exp.defence.pre)}" if exp.defence.pre else "")
+        _fail(f"defence.hparams.{state.rows}",
+              f"{exp.defence.rule} keeps one state row per row it aggregates, {rows} here "
+              f"(workers.n = {exp.workers.n}{after}); got {state.rows} = {given!r}. Drop it "
+              f"(the harness sets it) or set it to {rows}.")
+    return hparams
+
+
 def _algorithm_hparams(exp: Experiment) -> dict:
     rule, given = exp.defence.rule, exp.defence.hparams
     accepted = ALGORITHMS[rule]
@@ -231,6 +264,10 @@ def defence(exp: Experiment, where: Placement = STACKED,
             plan: privacy.PrivacyPlan | None = None) -> Defence:
     """The server side of ``exp`` as an optax chain, every setting checked before any compute.
 
+    A rule whose state keeps one row per aggregated row (its declaration's ``state.rows``,
+    FoolsGold's ``num_clients``) has that hyperparameter set to the rows it aggregates
+    (``workers.n``, or what ``defence.pre`` leaves of them) unless the config gives it.
+
     Args:
       exp: the experiment.
       where: the devices the workers are spread over (:func:`rbyz.sim.parallel.placement`);
@@ -241,8 +278,9 @@ def defence(exp: Experiment, where: Placement = STACKED,
 
     Raises:
       ValueError: an unknown rule, pre-aggregator or attack, a hyperparameter the rule does not
-        declare, ``f`` too large for the rule, or a combination that cannot run (naming the
-        field and how to fix it).
+        declare, ``f`` too large for the rule, a row count (``num_clients``) that is not the
+        rows the rule aggregates, or a combination that cannot run (naming the field and how
+        to fix it).
     """
     stacked = _build(exp, STACKED, plan)
     return collective(exp, stacked, where, plan) if where.sharded else stacked
@@ -305,13 +343,14 @@ def _build(exp: Experiment, where: Placement, plan: privacy.PrivacyPlan | None =
             _check_hparams(preaggregators.spec(name), hparams, f"defence.pre_hparams.{name}")
             pre.append(functools.partial(preaggregators.get(name), **hparams))
         _check_hparams(aggregators.spec(rule), exp.defence.hparams, "defence.hparams")
+        rule_hparams = _rule_hparams(exp)
         report = _reports(exp)
         stages = transforms.robust_stages(
             rule, optimizer=optimizer, f=f, pre=pre, attack=attack_fn, attack_on=exp.attack.on,
             momentum=exp.workers.momentum, worker_noise=private_noise[0] if private_noise else None,
             n=where.per_device(n), key=int_seed(attack_key),
             positions=exp.attack.positions, report=report, num_workers=n if report else None,
-            **where.aggregation(), **exp.defence.hparams)
+            **where.aggregation(), **rule_hparams)
         return Defence(optax.chain(*stages.transforms), "workers", n, 1, flip, stages)
 
     if exp.diagnostics.fail_closed:
